@@ -1,0 +1,29 @@
+"""statqat-ao: quantization-aware training with statistically optimal quantizers.
+
+Example:
+    >>> import torch, statqat_ao as sq
+    >>> w = torch.randn(256, 512)
+    >>> s, zp = sq.estimate_qparams(w, "int4", method="analytic", granularity="channel")
+    >>> sq.snr_db(w, sq.fake_quantize(w, s, zp, "int4")) > 18
+    True
+"""
+
+from .error_model import c_opt, gaussian_snr_db
+from .estimators import LSQFakeQuantize, estimate_qparams
+from .fake_quant import fake_quantize
+from .formats import Format, get_format, known_formats
+from .metrics import snr_db
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Format",
+    "LSQFakeQuantize",
+    "c_opt",
+    "estimate_qparams",
+    "fake_quantize",
+    "gaussian_snr_db",
+    "get_format",
+    "known_formats",
+    "snr_db",
+]

@@ -1,0 +1,84 @@
+"""Iterative StatQAT estimator: least-squares scale steps (Lloyd-Max with the grid shape fixed).
+
+Each step assigns every value to its nearest grid point for the current scale, then
+solves for the scale that minimises the block's squared error for those assignments:
+
+    u_i = round_G(x_i / s + z) - z,      s <- sum_i x_i u_i / sum_i u_i^2
+
+Neither half can raise the error, so no step raises the block MSE. The zero point of an
+asymmetric quantizer stays at its initial (integer) value.
+
+Alternation stops in a local minimum, and non-uniform grids (FP4) have several. A cold
+start therefore runs from a few multiples of the analytic scale (``starts``) and keeps,
+per block, the path that ends with the lowest error. A warm start (a tensor ``init``,
+as in QAT) follows one path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..block_stats import reduce_blocks
+from ..formats import Format
+from .analytic import analytic_qparams
+from .common import block_sse, centered_codes
+from .minmax import minmax_qparams
+
+DEFAULT_STEPS = 8
+DEFAULT_STARTS = (1.0, 0.8, 1.2)
+
+
+def least_squares_step(
+    x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format
+) -> torch.Tensor:
+    """One assignment + least-squares update of the per-block scale ``s`` (``[B]``)."""
+    u = centered_codes(x, s, zp, fmt)
+    sums, _ = reduce_blocks(sums=[x * u, u * u])
+    num, den = sums[0], sums[1]
+    new = num / den.clamp(min=torch.finfo(den.dtype).tiny)
+    return torch.where((den > 0) & (new > 0), new, s)
+
+
+def iterative_qparams(
+    x: torch.Tensor,
+    fmt: Format,
+    symmetric: bool,
+    steps: int = DEFAULT_STEPS,
+    init: str | torch.Tensor = "analytic",
+    init_zero_point: torch.Tensor | None = None,
+    starts: tuple[float, ...] = DEFAULT_STARTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block iterative scale for ``x`` of shape ``[B, L]``.
+
+    ``init``: ``"analytic"`` (default) or ``"minmax"``, each run from every multiple in
+    ``starts``; or a ``[B]`` tensor of scales to warm-start one path from (QAT takes one
+    step per training iteration from the last scale).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if isinstance(init, torch.Tensor):
+        s0 = init.reshape(-1).to(x.dtype)
+        zp = torch.zeros_like(s0) if init_zero_point is None else init_zero_point.reshape(-1).to(x.dtype)
+        starts = (1.0,)
+    elif init == "analytic":
+        s0, zp = analytic_qparams(x, fmt, symmetric)
+    elif init == "minmax":
+        s0, zp = minmax_qparams(x, fmt, symmetric)
+    else:
+        raise ValueError(f"init must be 'analytic', 'minmax' or a tensor of scales, got {init!r}")
+    tiny = torch.finfo(x.dtype).tiny
+    s0 = torch.where(s0 > 0, s0, torch.full_like(s0, 1.0)).clamp(min=tiny)
+    best_s, best_err = None, None
+    for factor in starts:
+        s = s0 * factor
+        for _ in range(steps):
+            s = least_squares_step(x, s, zp, fmt)
+        if best_s is None:
+            best_s = s
+            if len(starts) > 1:
+                best_err = block_sse(x, s, zp, fmt)
+            continue
+        err = block_sse(x, s, zp, fmt)
+        better = err < best_err
+        best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
+    return best_s, zp

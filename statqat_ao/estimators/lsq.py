@@ -1,0 +1,78 @@
+"""LSQ (Esser et al., 2020): a learned step size, the gradient-based baseline.
+
+:func:`lsq_qparams` gives LSQ's initial scale, ``2 mean|x| / sqrt(g_K)``;
+:class:`LSQFakeQuantize` learns it, with the gradient of the scale scaled by
+``1 / sqrt(block_len * g_K)`` as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..block_stats import reduce_blocks
+from ..blocks import block_layout
+from ..formats import Format, get_format
+from .common import error_model_gmax
+
+
+def lsq_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block LSQ initial scale for ``x`` of shape ``[B, L]``."""
+    gmax = error_model_gmax(fmt, symmetric)
+    sums, _ = reduce_blocks(sums=[x.abs()])
+    s = 2 * sums[0] / x.shape[1] / math.sqrt(gmax)
+    if symmetric:
+        return s, torch.zeros_like(s)
+    mean = x.mean(dim=1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    zp = torch.round(fmt.asymmetric_center() - mean / safe).clamp(fmt.qmin, fmt.qmax)
+    return s, zp
+
+
+def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
+    # Forward value t exactly; backward gradient multiplied by factor.
+    return (t - t * factor).detach() + t * factor
+
+
+class LSQFakeQuantize(nn.Module):
+    """Fake quantization with a learned scale (LSQ).
+
+    The scale is initialised from the first batch it sees (or by :meth:`initialize`).
+
+    Example:
+        >>> fq = LSQFakeQuantize("int4", granularity="channel")
+        >>> w = torch.randn(8, 16, requires_grad=True)
+        >>> fq(w).sum().backward()
+        >>> fq.scale.grad.shape
+        torch.Size([8, 1])
+    """
+
+    def __init__(self, fmt: str | Format, granularity: str | int = "tensor", axis: int = 0):
+        super().__init__()
+        self.fmt = get_format(fmt)
+        self.granularity = granularity
+        self.axis = axis
+        self.scale = nn.Parameter(torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.initialized = False
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        from . import estimate_qparams
+
+        s, zp = estimate_qparams(x, self.fmt, "lsq", self.granularity, self.axis)
+        self.scale = nn.Parameter(s)
+        self.zero_point = zp
+        layout = block_layout(x.shape, self.granularity, self.axis, self.fmt)
+        self._grad_factor = 1.0 / math.sqrt(layout.block_len * error_model_gmax(self.fmt, True))
+        self.initialized = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..fake_quant import fake_quantize
+
+        if not self.initialized:
+            self.initialize(x.detach())
+        scale = _scale_gradient(self.scale, self._grad_factor)
+        return fake_quantize(x, scale, self.zero_point, self.fmt, learn_scale=True)

@@ -1,0 +1,26 @@
+"""MinMax: the scale that just avoids clipping (the baseline every method is measured against)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..block_stats import reduce_blocks
+from ..formats import Format
+
+
+def minmax_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block MinMax scale and zero point for ``x`` of shape ``[B, L]``.
+
+    Symmetric: ``s = max|x| / ((qmax - qmin) / 2)`` for signed INT grids (torch's
+    MinMaxObserver convention: all 2^b levels in use), ``max|x| / qmax`` otherwise. Asymmetric (INT only): the range
+    ``[min(x, 0), max(x, 0)]`` spread over the whole grid, integer zero point.
+    """
+    _, m = reduce_blocks(maxima=[x.abs(), x, -x])
+    amax, hi, lo = m[0], m[1].clamp(min=0), (-m[2]).clamp(max=0)
+    if symmetric:
+        half_range = (fmt.qmax - fmt.qmin) / 2 if (fmt.family == "int" and fmt.signed) else fmt.qmax
+        return amax / half_range, torch.zeros_like(amax)
+    s = (hi - lo) / (fmt.qmax - fmt.qmin)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    zp = (fmt.qmin - torch.round(lo / safe)).clamp(fmt.qmin, fmt.qmax)
+    return s, zp

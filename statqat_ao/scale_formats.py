@@ -1,0 +1,80 @@
+"""Rounding a block scale to the format it is stored in (MXFP4: E8M0, NVFP4: FP8 E4M3).
+
+The rounding is part of the quantizer: a scale estimated in float32 is moved to one of
+its two neighbours in the scale format, the one with the lower block error (MinMax
+keeps each standard's own rule instead, as the baseline). NVFP4 block scales are stored
+relative to a float32 per-tensor scale, ``amax / (448 * 6)``.
+
+Example:
+    >>> import torch
+    >>> nvfp4_tensor_scale(torch.tensor([[2688.0]])).item()
+    1.0
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .estimators.common import block_sse
+from .formats import Format, get_format
+from .rounding import round_to_grid
+
+E4M3_MAX = 448.0
+E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
+
+
+def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4's float32 per-tensor scale: ``amax / (448 * 6)`` (1.0 for an all-zero tensor)."""
+    amax = x.detach().abs().amax().float()
+    ts = amax / (E4M3_MAX * 6.0)
+    return torch.where(ts > 0, ts, torch.ones_like(ts))
+
+
+@functools.lru_cache(maxsize=None)
+def _e4m3_positive_grid() -> tuple[float, ...]:
+    return tuple(v for v in get_format("fp8_e4m3").grid if v > 0)
+
+
+def _neighbours(t: torch.Tensor, scale_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The representable scales just below and just above ``t`` (equal when ``t`` is one)."""
+    if scale_format == "e8m0":
+        e = torch.floor(torch.log2(t)).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+        lo = torch.exp2(e)
+        # log2 can round across a power of two: correct by one either way.
+        lo = torch.where(lo > t, lo / 2, torch.where(lo * 2 <= t, lo * 2, lo))
+        hi = torch.where(lo == t, lo, lo * 2)
+        return lo, hi
+    grid = torch.tensor(_e4m3_positive_grid(), dtype=t.dtype, device=t.device)
+    t = t.clamp(grid[0], grid[-1])
+    i = torch.bucketize(t, grid)  # grid[i-1] < t <= grid[i]
+    hi = grid[i.clamp(max=len(grid) - 1)]
+    lo = torch.where(hi == t, hi, grid[(i - 1).clamp(min=0)])
+    return lo, hi
+
+
+def round_scale(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    fmt: Format,
+    method: str,
+    tensor_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Round per-block scales ``s`` (``[B]``) of block view ``x`` (``[B, L]``) to ``fmt``'s scale format."""
+    ts = torch.ones((), dtype=s.dtype, device=s.device) if tensor_scale is None else tensor_scale
+    zp = torch.zeros_like(s)
+    if fmt.scale_format == "e8m0" and method == "minmax":
+        # OCP MX rule: 2^(floor(log2 amax) - emax of the element format).
+        amax = x.abs().amax(dim=1)
+        exp = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
+        return torch.exp2((exp - 2).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP))
+    if fmt.scale_format == "fp8_e4m3" and method == "minmax":
+        t = (s / ts).clamp(max=E4M3_MAX)
+        t = round_to_grid(t, get_format("fp8_e4m3"))
+        smallest = _e4m3_positive_grid()[0]
+        return ts * torch.where(t > 0, t, torch.full_like(t, smallest))
+    lo, hi = _neighbours(s / ts, fmt.scale_format)
+    s_lo, s_hi = ts * lo, ts * hi
+    better_hi = block_sse(x, s_hi, zp, fmt) < block_sse(x, s_lo, zp, fmt)
+    return torch.where(better_hi, s_hi, s_lo)
