@@ -8,6 +8,7 @@ Example:
     True
 """
 
+from . import blocks
 from .error_model import c_opt, gaussian_snr_db
 from .estimators import LSQFakeQuantize, estimate_qparams
 from .fake_quant import fake_quantize

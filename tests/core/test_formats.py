@@ -98,7 +98,7 @@ def test_nf4_table_matches_torchao():
     # torchao stores the QLoRA table to 4 decimals; ours is the full-precision one
     # bitsandbytes uses.
     fmt = sq.get_format("nf4")
-    w = torch.randn(64, 64, dtype=torch.bfloat16)
+    w = torch.randn(64, 64)
     nf4 = NF4Tensor.from_tensor(w, block_size=64, scaler_block_size=64)
     assert torch.allclose(torch.tensor(fmt.grid), nf4.nf4.float(), atol=1e-4)
 
