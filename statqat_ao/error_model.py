@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import special, stats
 
 from .formats import Format, get_format
@@ -227,6 +228,7 @@ def _c_opt_cached(name: str, family: Family, symmetric: bool) -> float:
     return float(cs[np.argmin(quantizer_mse(grid, cs, family))])
 
 
+@torch.compiler.assume_constant_result
 def c_opt(fmt: str | Format, family: Family = GAUSSIAN, symmetric: bool = True) -> float:
     """The MSE-optimal clip point, in units of sigma, of ``fmt`` for ``family`` (cached).
 
@@ -237,7 +239,9 @@ def c_opt(fmt: str | Format, family: Family = GAUSSIAN, symmetric: bool = True) 
     return _c_opt_cached(get_format(fmt).name, family, symmetric)
 
 
-@functools.lru_cache(maxsize=None)
+# Under torch.compile these constants of a format are evaluated once at trace time:
+# Dynamo would otherwise trace into the scipy code behind them.
+@torch.compiler.assume_constant_result
 def kurtosis_to_c_opt_table(
     fmt: str | Format, symmetric: bool = True
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -246,7 +250,12 @@ def kurtosis_to_c_opt_table(
     Spans shape 0.3 (kurtosis about 70, very heavy tails) to 12 (about 1.9, nearly uniform).
     The analytic estimator interpolates it at each block's sample kurtosis.
     """
-    fmt = get_format(fmt)
+    return _kurtosis_table_cached(get_format(fmt).name, symmetric)
+
+
+@functools.lru_cache(maxsize=None)
+def _kurtosis_table_cached(name: str, symmetric: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    fmt = get_format(name)
     betas = np.geomspace(12.0, 0.3, 32)
     kurt = [gen_gaussian(b).kurtosis for b in betas]
     copt = [c_opt(fmt, gen_gaussian(float(b)), symmetric) for b in betas]

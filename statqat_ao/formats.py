@@ -80,6 +80,13 @@ class Format:
         """Zero point that centres an unsigned INT grid on zero (0 for other grids)."""
         return float(2 ** (self.bits - 1)) if (self.family == "int" and not self.signed) else 0.0
 
+    def clip_code(self, symmetric: bool = True) -> float:
+        """Grid value at the clip point, for zero-centred use: ``clip = scale * clip_code``.
+
+        Equals ``error_model_grid(symmetric).max()`` (plain Python: safe under torch.compile).
+        """
+        return self.qmax - (0.0 if symmetric else self.asymmetric_center())
+
     def error_model_grid(self, symmetric: bool = True) -> np.ndarray:
         """The grid as the error model sees it, for zero-centred data.
 
@@ -214,9 +221,12 @@ def _registry() -> dict[str, Format]:
 _ALIASES = {"fp4": "fp4_e2m1", "fp8_e4m3fn": "fp8_e4m3", "e2m1": "fp4_e2m1", "fp8": "fp8_e4m3"}
 
 
+_REGISTRY = _registry()  # built at import: torch.compile then reads a plain dict
+
+
 def known_formats() -> list[str]:
     """Names accepted by :func:`get_format` (aliases excluded)."""
-    return sorted(_registry())
+    return sorted(_REGISTRY)
 
 
 def get_format(name: str | Format) -> Format:
@@ -237,7 +247,7 @@ def get_format(name: str | Format) -> Format:
         raise TypeError(f"format must be a name or a Format, got {type(name).__name__}")
     key = _ALIASES.get(name.lower(), name.lower())
     try:
-        return _registry()[key]
+        return _REGISTRY[key]
     except KeyError:
         raise ValueError(
             f"unknown format {name!r}; known formats: {', '.join(known_formats())}"

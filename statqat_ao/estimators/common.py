@@ -22,4 +22,4 @@ def block_sse(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format) -
 
 def error_model_gmax(fmt: Format, symmetric: bool) -> float:
     """Largest value of the grid as the error model and the clip point see it."""
-    return float(fmt.error_model_grid(symmetric).max())
+    return fmt.clip_code(symmetric)
