@@ -8,16 +8,20 @@ Example:
     True
 """
 
-from . import blocks
+from . import blocks, estimators
 from .error_model import c_opt, gaussian_snr_db
 from .estimators import LSQFakeQuantize, estimate_qparams
 from .fake_quant import fake_quantize
+from .fake_quantizer import FakeQuantizer
 from .formats import Format, get_format, known_formats
 from .metrics import snr_db
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FakeQuantizer",
+    "blocks",
+    "estimators",
     "Format",
     "LSQFakeQuantize",
     "c_opt",

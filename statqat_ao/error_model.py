@@ -217,7 +217,7 @@ def gaussian_snr_db(fmt: str | Format, c) -> np.ndarray | float:
     return snr_db_model(fmt, c, GAUSSIAN)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _c_opt_cached(name: str, family: Family, symmetric: bool) -> float:
     fmt = get_format(name)
     grid = fmt.error_model_grid(symmetric)
@@ -253,7 +253,7 @@ def kurtosis_to_c_opt_table(
     return _kurtosis_table_cached(get_format(fmt).name, symmetric)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kurtosis_table_cached(name: str, symmetric: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
     fmt = get_format(name)
     betas = np.geomspace(12.0, 0.3, 32)

@@ -170,7 +170,7 @@ def _normal_float_table(quantile_fn, offset: float = 0.9677083) -> tuple[float, 
     return tuple(float(np.float32(v)) for v in values / np.abs(values).max())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lut_formats() -> dict[str, Format]:
     from scipy import stats
 
@@ -194,7 +194,7 @@ def _block_format(name: str, element: Format, block_size: int, scale_format: str
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registry() -> dict[str, Format]:
     formats: dict[str, Format] = {}
     for bits in (2, 3, 4, 8):

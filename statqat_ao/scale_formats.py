@@ -13,8 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .estimators.common import block_sse
@@ -32,9 +30,7 @@ def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.where(ts > 0, ts, torch.ones_like(ts))
 
 
-@functools.lru_cache(maxsize=None)
-def _e4m3_positive_grid() -> tuple[float, ...]:
-    return tuple(v for v in get_format("fp8_e4m3").grid if v > 0)
+_E4M3_POSITIVE = tuple(v for v in get_format("fp8_e4m3").grid if v > 0)
 
 
 def _neighbours(t: torch.Tensor, scale_format: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +42,7 @@ def _neighbours(t: torch.Tensor, scale_format: str) -> tuple[torch.Tensor, torch
         lo = torch.where(lo > t, lo / 2, torch.where(lo * 2 <= t, lo * 2, lo))
         hi = torch.where(lo == t, lo, lo * 2)
         return lo, hi
-    grid = torch.tensor(_e4m3_positive_grid(), dtype=t.dtype, device=t.device)
+    grid = torch.tensor(_E4M3_POSITIVE, dtype=t.dtype, device=t.device)
     t = t.clamp(grid[0], grid[-1])
     i = torch.bucketize(t, grid)  # grid[i-1] < t <= grid[i]
     hi = grid[i.clamp(max=len(grid) - 1)]
@@ -72,7 +68,7 @@ def round_scale(
     if fmt.scale_format == "fp8_e4m3" and method == "minmax":
         t = (s / ts).clamp(max=E4M3_MAX)
         t = round_to_grid(t, get_format("fp8_e4m3"))
-        smallest = _e4m3_positive_grid()[0]
+        smallest = _E4M3_POSITIVE[0]
         return ts * torch.where(t > 0, t, torch.full_like(t, smallest))
     lo, hi = _neighbours(s / ts, fmt.scale_format)
     s_lo, s_hi = ts * lo, ts * hi

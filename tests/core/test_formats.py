@@ -110,7 +110,7 @@ def test_sf4_follows_the_nf4_construction():
 
     # The construction reproduces the published NF4 table, so SF4 (same construction on
     # Student-t, nu=5) is built the way its authors built it.
-    assert max(abs(a - b) for a, b in zip(_normal_float_table(stats.norm.ppf), NF4_TABLE)) < 1e-6
+    assert max(abs(a - b) for a, b in zip(_normal_float_table(stats.norm.ppf), NF4_TABLE, strict=False)) < 1e-6
     sf4 = sq.get_format("sf4").grid
     assert sf4[0] == -1.0 and sf4[-1] == 1.0 and 0.0 in sf4
-    assert all(abs(s) <= abs(n) + 1e-9 or abs(n) == 1 for s, n in zip(sf4, NF4_TABLE))
+    assert all(abs(s) <= abs(n) + 1e-9 or abs(n) == 1 for s, n in zip(sf4, NF4_TABLE, strict=False))

@@ -1,0 +1,108 @@
+"""A fake-quantize module whose scale comes from a StatQAT estimator.
+
+Statistics update once per training forward (``analytic``: one reduction pass;
+``iterative``: one least-squares step warm-started from the previous scale; ``minmax``
+for reference) and are frozen in eval. Everything on the training path is branch-free
+on tensor values and the flags are Python bools, so ``torch.compile(fullgraph=True)``
+traces it whole.
+
+Example:
+    >>> import torch
+    >>> fq = FakeQuantizer("int4", method="analytic", granularity="channel")
+    >>> w = torch.randn(32, 64, requires_grad=True)
+    >>> fq(w).shape, fq.scale.shape
+    (torch.Size([32, 64]), torch.Size([32, 1]))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import Granularity, block_layout
+from .estimators import analytic_qparams, iterative_qparams, least_squares_step, minmax_qparams
+from .fake_quant import fake_quantize
+from .formats import Format, get_format
+
+ONLINE_METHODS = ("analytic", "iterative", "minmax")
+
+
+class FakeQuantizer(nn.Module):
+    """Fake quantization of one tensor with an online StatQAT scale.
+
+    Args:
+        fmt: format name or :class:`Format`.
+        method: ``"analytic"``, ``"iterative"`` or ``"minmax"``.
+        granularity: ``"tensor"``, ``"channel"`` or an int group size.
+        axis: channel axis.
+        symmetric: zero point 0 (asymmetric needs an INT format).
+
+    Attributes:
+        fake_quant_enabled, observer_enabled: Python bools (not tensors, so a compiled
+            graph specialises on them instead of breaking).
+    """
+
+    def __init__(
+        self,
+        fmt: str | Format = "int8",
+        method: str = "analytic",
+        granularity: Granularity = "tensor",
+        axis: int = 0,
+        symmetric: bool = True,
+    ):
+        super().__init__()
+        if method not in ONLINE_METHODS:
+            raise ValueError(f"online method must be one of {ONLINE_METHODS}, got {method!r}")
+        self.fmt = get_format(fmt)
+        if not symmetric and self.fmt.family != "int":
+            raise ValueError(f"asymmetric quantization needs an INT format, got {self.fmt.name}")
+        self.method, self.granularity, self.axis, self.symmetric = method, granularity, axis, symmetric
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.fake_quant_enabled = True
+        self.observer_enabled = True
+        self._shape_seen: tuple[int, ...] | None = None
+
+    @torch.no_grad()
+    def _estimate(self, x: torch.Tensor) -> None:
+        layout = block_layout(x.shape, self.granularity, self.axis, self.fmt)
+        blocks = layout.to_blocks(x.detach().float())
+        warm = self._shape_seen == layout.scale_shape
+        if self.method == "iterative" and warm:
+            zp = self.zero_point.reshape(-1).float()
+            s = least_squares_step(blocks, self.scale.reshape(-1), zp, self.fmt)
+        elif self.method == "iterative":
+            s, zp = iterative_qparams(blocks, self.fmt, self.symmetric)
+        elif self.method == "analytic":
+            s, zp = analytic_qparams(blocks, self.fmt, self.symmetric)
+        else:
+            s, zp = minmax_qparams(blocks, self.fmt, self.symmetric)
+        # Branch-free guard: an all-zero block has no scale to estimate; 1.0 keeps its zeros exact.
+        s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+        s = s.clamp(min=torch.finfo(torch.float32).tiny)
+        if self.fmt.is_block_format:
+            from .scale_formats import nvfp4_tensor_scale, round_scale
+
+            ts = nvfp4_tensor_scale(x) if self.fmt.scale_format == "fp8_e4m3" else None
+            s = round_scale(blocks, s, self.fmt, self.method, ts)
+        if not warm:
+            self.scale = layout.from_blocks(s).clone()
+            self.zero_point = layout.from_blocks(zp.to(torch.int32)).clone()
+            self._shape_seen = layout.scale_shape
+        else:
+            self.scale.copy_(layout.from_blocks(s))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled and (self.training or self._shape_seen is None):
+            self._estimate(x)
+        if not self.fake_quant_enabled:
+            return x
+        return fake_quantize(x, self.scale, self.zero_point, self.fmt)
+
+    def extra_repr(self) -> str:
+        return (
+            f"fmt={self.fmt.name}, method={self.method}, granularity={self.granularity}, "
+            f"axis={self.axis}, symmetric={self.symmetric}"
+        )
