@@ -78,8 +78,10 @@ class FakeQuantizer(nn.Module):
             s, zp = analytic_qparams(blocks, self.fmt, self.symmetric)
         else:
             s, zp = minmax_qparams(blocks, self.fmt, self.symmetric)
-        # Branch-free guard: an all-zero block has no scale to estimate; 1.0 keeps its zeros exact.
-        s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+        # Branch-free guard: a block with no usable estimate (all zeros, or a NaN/Inf batch)
+        # keeps its previous scale (1.0 before the first), so one bad batch cannot corrupt it.
+        previous = self.scale.reshape(-1).to(s.dtype) if warm else torch.ones_like(s)
+        s = torch.where(torch.isfinite(s) & (s > 0), s, previous.expand_as(s))
         s = s.clamp(min=torch.finfo(torch.float32).tiny)
         if self.fmt.is_block_format:
             from .scale_formats import nvfp4_tensor_scale, round_scale

@@ -62,6 +62,19 @@ def test_compiled_training_steps_match_eager(fmt, gran, method):
         torch.testing.assert_close(compiled_mod.scale, eager.scale)
 
 
+def test_a_nan_batch_does_not_corrupt_the_scale():
+    fq = sq.FakeQuantizer("int8", "analytic", "channel").train()
+    fq(torch.randn(4, 32))
+    good = fq.scale.clone()
+    bad = torch.randn(4, 32)
+    bad[1, 3] = float("nan")
+    out = fq(bad)
+    assert torch.isnan(out[1, 3])  # the NaN stays visible in the output (and the loss)
+    assert torch.equal(fq.scale[1], good[1]) and torch.isfinite(fq.scale).all()
+    fq(torch.zeros(4, 32))  # all-zero blocks: finite scale, exact zeros
+    assert torch.isfinite(fq.scale).all() and (fq.scale > 0).all()
+
+
 def test_bad_method_and_asymmetric_float():
     with pytest.raises(ValueError, match="online method"):
         sq.FakeQuantizer("int4", "mse")
