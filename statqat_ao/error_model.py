@@ -211,7 +211,7 @@ def gaussian_snr_db(fmt: str | Format, c) -> np.ndarray | float:
     """Closed-form SNR (dB) of ``fmt`` for Gaussian data clipped at ``c`` sigma.
 
     Example:
-        >>> round(gaussian_snr_db("int4", 2.5), 1)
+        >>> round(gaussian_snr_db("int4", 2.37), 1)
         19.3
     """
     return snr_db_model(fmt, c, GAUSSIAN)
@@ -233,8 +233,8 @@ def c_opt(fmt: str | Format, family: Family = GAUSSIAN, symmetric: bool = True) 
     """The MSE-optimal clip point, in units of sigma, of ``fmt`` for ``family`` (cached).
 
     Example:
-        >>> round(c_opt("int4"), 2)
-        2.5
+        >>> round(c_opt("int4"), 2)  # the -8..7 grid; clip point = 7 * scale
+        2.37
     """
     return _c_opt_cached(get_format(fmt).name, family, symmetric)
 
