@@ -59,16 +59,15 @@ class FakeQuantizer(nn.Module):
         self.method, self.granularity, self.axis, self.symmetric = method, granularity, axis, symmetric
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.fake_quant_enabled = True
         self.observer_enabled = True
-        self._shape_seen: tuple[int, ...] | None = None
+        self._scale_shape: tuple[int, ...] | None = None
 
     @torch.no_grad()
     def _estimate(self, x: torch.Tensor) -> None:
         layout = block_layout(x.shape, self.granularity, self.axis, self.fmt)
         blocks = layout.to_blocks(x.detach().float())
-        warm = self._shape_seen == layout.scale_shape
+        warm = self._scale_shape == layout.scale_shape
         if self.method == "iterative" and warm:
             zp = self.zero_point.reshape(-1).float()
             s = least_squares_step(blocks, self.scale.reshape(-1), zp, self.fmt)
@@ -91,13 +90,12 @@ class FakeQuantizer(nn.Module):
         if not warm:
             self.scale = layout.from_blocks(s).clone()
             self.zero_point = layout.from_blocks(zp.to(torch.int32)).clone()
-            self._shape_seen = layout.scale_shape
+            self._scale_shape = layout.scale_shape
         else:
             self.scale.copy_(layout.from_blocks(s))
-        self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled and (self.training or self._shape_seen is None):
+        if self.observer_enabled and (self.training or self._scale_shape is None):
             self._estimate(x)
         if not self.fake_quant_enabled:
             return x

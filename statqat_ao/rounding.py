@@ -22,15 +22,21 @@ _F32_MANTISSA_BITS = 23
 _F32_BIAS = 127
 
 
+def _float_step(a: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Grid step of a float format at magnitudes ``a`` (float32, >= 0, <= max), exactly.
+
+    The step inside a binade is 2**(e - mbits); subnormals use emin's step. The exponent
+    is read from the float32 bits, so there is no log2 rounding.
+    """
+    exponent = ((a.view(torch.int32) >> _F32_MANTISSA_BITS) - _F32_BIAS).clamp(min=fmt.emin)
+    return ((exponent - fmt.mbits + _F32_BIAS) << _F32_MANTISSA_BITS).view(torch.float32)
+
+
 def _round_float(v: torch.Tensor, fmt: Format) -> torch.Tensor:
-    # The step inside a binade is 2**(e - mbits); subnormals use emin's step. The
-    # exponent is read from the float32 bits, so the step is exact (no log2 rounding),
-    # and v / step is an exact power-of-two division, so torch.round's ties-to-even on
-    # the quotient is round-to-nearest-even on the mantissa.
+    # v / step is an exact power-of-two division, so torch.round's ties-to-even on the
+    # quotient is round-to-nearest-even on the mantissa.
     a = v.abs().clamp(max=fmt.max_value)
-    exponent = (a.view(torch.int32) >> _F32_MANTISSA_BITS) - _F32_BIAS
-    exponent = exponent.clamp(min=fmt.emin)
-    step = ((exponent - fmt.mbits + _F32_BIAS) << _F32_MANTISSA_BITS).view(torch.float32)
+    step = _float_step(a, fmt)
     return torch.copysign(torch.round(a / step) * step, v)
 
 
@@ -64,9 +70,7 @@ def grid_spacing(v: torch.Tensor, fmt: Format) -> torch.Tensor:
     if fmt.family == "int":
         return torch.ones_like(v)
     if fmt.family == "float":
-        a = v.abs().clamp(max=fmt.max_value)
-        exponent = ((a.view(torch.int32) >> _F32_MANTISSA_BITS) - _F32_BIAS).clamp(min=fmt.emin)
-        return torch.exp2((exponent - fmt.mbits).to(torch.float32))
+        return _float_step(v.abs().clamp(max=fmt.max_value), fmt)
     grid = fmt.grid
     widths = [hi - lo for lo, hi in zip(grid[:-1], grid[1:], strict=True)]
     width = torch.full_like(v, widths[0])

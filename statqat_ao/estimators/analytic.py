@@ -13,7 +13,7 @@ import torch
 from ..block_stats import reduce_blocks
 from ..error_model import GAUSSIAN, Family, c_opt, kurtosis_to_c_opt_table
 from ..formats import Format
-from .common import error_model_gmax
+from .common import centered_zero_point, error_model_gmax
 
 
 def _interp(x: torch.Tensor, xp: tuple[float, ...], fp: tuple[float, ...]) -> torch.Tensor:
@@ -67,7 +67,4 @@ def analytic_qparams(
         s = torch.minimum(s, maxima[0] / fmt.qmax)
         return s, torch.zeros_like(s)
     s = torch.minimum(s, (maxima[0].clamp(min=0) + maxima[1].clamp(min=0)) / (fmt.qmax - fmt.qmin))
-    center = fmt.asymmetric_center()
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    zp = torch.round(center - mean / safe).clamp(fmt.qmin, fmt.qmax)
-    return s, zp
+    return s, centered_zero_point(mean, s, fmt)

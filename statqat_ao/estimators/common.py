@@ -23,3 +23,9 @@ def block_sse(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format) -
 def error_model_gmax(fmt: Format, symmetric: bool) -> float:
     """Largest value of the grid as the error model and the clip point see it."""
     return fmt.clip_code(symmetric)
+
+
+def centered_zero_point(mean: torch.Tensor, s: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Integer zero point that puts the grid's centre at ``mean`` (asymmetric INT)."""
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(fmt.asymmetric_center() - mean / safe).clamp(fmt.qmin, fmt.qmax)

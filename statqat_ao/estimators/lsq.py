@@ -15,7 +15,7 @@ from torch import nn
 from ..block_stats import reduce_blocks
 from ..blocks import block_layout
 from ..formats import Format, get_format
-from .common import error_model_gmax
+from .common import centered_zero_point, error_model_gmax
 
 
 def lsq_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,10 +25,7 @@ def lsq_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch.Te
     s = 2 * sums[0] / x.shape[1] / math.sqrt(gmax)
     if symmetric:
         return s, torch.zeros_like(s)
-    mean = x.mean(dim=1)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    zp = torch.round(fmt.asymmetric_center() - mean / safe).clamp(fmt.qmin, fmt.qmax)
-    return s, zp
+    return s, centered_zero_point(x.mean(dim=1), s, fmt)
 
 
 def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
