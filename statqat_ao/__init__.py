@@ -15,11 +15,23 @@ from .fake_quant import fake_quantize
 from .fake_quantizer import FakeQuantizer
 from .formats import Format, get_format, known_formats
 from .metrics import snr_db
+from .passes import ConvertError, TraceError, convert, prepare_qat_fx
+from .qconfig import QuantSpec, StatQATQConfig, get_statqat_qconfig, statqat_qconfig
+from .quantized import QuantizedParams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvertError",
     "FakeQuantizer",
+    "QuantSpec",
+    "QuantizedParams",
+    "StatQATQConfig",
+    "TraceError",
+    "convert",
+    "get_statqat_qconfig",
+    "prepare_qat_fx",
+    "statqat_qconfig",
     "blocks",
     "estimators",
     "Format",

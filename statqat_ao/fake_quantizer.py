@@ -50,7 +50,9 @@ class FakeQuantizer(nn.Module):
         axis: int = 0,
         symmetric: bool = True,
     ):
-        super().__init__()
+        # nn.Module's init, not the next class's: the torch.ao / torchao bases that
+        # subclasses add only set flag buffers and dtype attributes, which they replace.
+        nn.Module.__init__(self)
         if method not in ONLINE_METHODS:
             raise ValueError(f"online method must be one of {ONLINE_METHODS}, got {method!r}")
         self.fmt = get_format(fmt)
@@ -94,12 +96,66 @@ class FakeQuantizer(nn.Module):
         else:
             self.scale.copy_(layout.from_blocks(s))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Fake-quantize ``x``; with more inputs, quantize them all with one shared scale.
+
+        Shared inputs (the operands of a residual add or a cat, which an integer graph
+        needs on one scale) are estimated jointly, per tensor, and returned as a tuple.
+        """
+        if shared:
+            return self._forward_shared((x, *shared))
         if self.observer_enabled and (self.training or self._scale_shape is None):
             self._estimate(x)
         if not self.fake_quant_enabled:
             return x
         return fake_quantize(x, self.scale, self.zero_point, self.fmt)
+
+    def _forward_shared(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self.granularity != "tensor":
+            raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
+        if self.observer_enabled and (self.training or self._scale_shape is None):
+            self._estimate(torch.cat([t.detach().reshape(-1) for t in xs]))
+        if not self.fake_quant_enabled:
+            return xs
+        return tuple(fake_quantize(t, self.scale, self.zero_point, self.fmt) for t in xs)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.fake_quant_enabled = enabled
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        self.observer_enabled = enabled
+
+    def disable_observer(self) -> None:
+        self.enable_observer(False)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current ``(scale, zero_point)``."""
+        return self.scale, self.zero_point
+
+    def get_extra_state(self) -> dict:
+        # Whether (and with which block shape) a scale was estimated: restored on load,
+        # so a resumed model warm-starts exactly where the saved one stopped.
+        return {"scale_shape": None if self._scale_shape is None else list(self._scale_shape)}
+
+    def set_extra_state(self, state: dict) -> None:
+        shape = state.get("scale_shape")
+        self._scale_shape = None if shape is None else tuple(shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Scales are shaped by the first estimate; take the saved shape before copying.
+        for name in ("scale", "zero_point"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether a scale has been estimated (loaded state counts)."""
+        return self._scale_shape is not None
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,78 @@
+"""Evaluate the constant part of a graph: nodes computed from parameters and buffers only.
+
+Example:
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    >>> from statqat_ao.passes.functionalize import functionalize_weighted_modules
+    >>> functionalize_weighted_modules(gm)
+    >>> w = next(n for n in gm.graph.nodes if n.op == "get_attr")
+    >>> is_constant(w), constant_value(w, gm).shape
+    (True, torch.Size([2, 3]))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+
+def is_constant(node) -> bool:
+    """True if ``node`` depends on no graph input (only parameters, buffers, literals)."""
+    if not isinstance(node, fx.Node):
+        return True
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    return all(is_constant(a) for a in node.all_input_nodes)
+
+
+def param_path(node) -> str | None:
+    """The qualified name of the parameter a constant weight subgraph starts from."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node.target
+    for arg in node.all_input_nodes:  # e.g. the BN-fold scaling: fold_scale(weight, var, gamma)
+        path = param_path(arg)
+        if path is not None:
+            return path
+    return None
+
+
+@torch.no_grad()
+def constant_value(node: fx.Node, gm: fx.GraphModule, _cache: dict | None = None) -> torch.Tensor:
+    """The value of a constant node (call_module nodes run their module as it is now)."""
+    cache = {} if _cache is None else _cache
+    if node in cache:
+        return cache[node]
+
+    def value(a):
+        return constant_value(a, gm, cache) if isinstance(a, fx.Node) else a
+
+    args = torch.utils._pytree.tree_map(value, node.args)
+    kwargs = torch.utils._pytree.tree_map(value, node.kwargs)
+    if node.op == "get_attr":
+        out = gm.get_parameter(node.target) if _is_param(gm, node.target) else _get_attr(gm, node.target)
+    elif node.op == "call_function":
+        out = node.target(*args, **kwargs)
+    elif node.op == "call_method":
+        out = getattr(args[0], node.target)(*args[1:], **kwargs)
+    elif node.op == "call_module":
+        out = gm.get_submodule(node.target)(*args, **kwargs)
+    else:
+        raise ValueError(f"node {node.name} ({node.op}) is not constant")
+    cache[node] = out
+    return out
+
+
+def _is_param(gm, target):
+    owner, _, name = target.rpartition(".")
+    return name in (gm.get_submodule(owner) if owner else gm)._parameters
+
+
+def _get_attr(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,190 @@
+"""``convert``: fake quant -> explicit codes, scales and quantize / dequantize ops.
+
+For every StatQAT quantizer in a prepared graph (ours, torch.ao's ``prepare_qat_fx``
+with our qconfig, or torchao's ``prepare_qat_pt2e`` with ``StatQATQuantizer``):
+
+* a weight quantizer becomes a :class:`~statqat_ao.quantized.QuantizedParams` holding the
+  codes of the (BN-folded) weight, read through ``statqat::dequantize``; the float
+  weight is dropped;
+* an activation quantizer becomes ``statqat::quantize`` -> ``statqat::dequantize``
+  with its frozen scale (a shared one: the same scale for each operand);
+* a folded BatchNorm becomes the add of its folded bias.
+
+The converted model's eval output equals the prepared model's eval output bit for bit:
+the same codes, the same scales, the same float32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import fx, nn
+
+from statqat_ao.codes import dequantize, quantize
+from statqat_ao.estimators.lsq import LSQFakeQuantize
+from statqat_ao.fake_quantizer import FakeQuantizer
+from statqat_ao.quantized import QuantizedParams
+from .constants import constant_value, is_constant
+from .fold_bn import FoldedBatchNorm
+from .functionalize import functionalize_weighted_modules
+
+
+class ConvertError(RuntimeError):
+    """The prepared model cannot be converted as it is (the message says why and what to do)."""
+
+
+def _quant_path(path: str) -> str:
+    return path[: -len("_fake_quant")] + "_quant" if path.endswith("_fake_quant") else path + "_quant"
+
+
+def _set_module(gm: nn.Module, path: str, module: nn.Module | None) -> None:
+    parent, _, leaf = path.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    if module is None:
+        delattr(owner, leaf)
+    else:
+        setattr(owner, leaf, module)
+
+
+def _check_ready(fq: nn.Module, path: str) -> None:
+    initialized = fq.is_initialized if isinstance(fq, FakeQuantizer) else getattr(fq, "initialized", True)
+    if not initialized:
+        raise ConvertError(
+            f"quantizer {path!r} never saw data, so it has no scale: run a forward pass "
+            "(or prepare with example_inputs) before convert"
+        )
+    if not bool(torch.isfinite(fq.scale).all()) or not bool((fq.scale > 0).all()):
+        raise ConvertError(f"quantizer {path!r} holds a non-finite or non-positive scale; check training for NaN")
+
+
+def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
+    """Turn a prepared (QAT-trained) GraphModule into its quantized form.
+
+    Args:
+        prepared: from :func:`statqat_ao.prepare_qat_fx`, torch.ao's ``prepare_qat_fx``
+            with a StatQAT qconfig, or torchao's ``prepare_qat_pt2e`` with
+            :class:`~statqat_ao.StatQATQuantizer`.
+        inplace: convert ``prepared`` itself instead of a copy.
+
+    Returns:
+        An eval-mode GraphModule whose quantized tensors are
+        :class:`~statqat_ao.quantized.QuantizedParams` modules (``<layer>.weight_quant``,
+        ``<layer>.input_quant``, ...).
+
+    Example:
+        >>> import torch, statqat_ao as sq
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(4, 16)
+        >>> qat = sq.prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+        >>> q = sq.convert(qat)
+        >>> q.get_submodule("0").weight_quant.codes.dtype, torch.equal(q(x), qat.eval()(x))
+        (torch.int8, True)
+    """
+    gm = prepared if inplace else copy.deepcopy(prepared)
+    gm.eval()
+    functionalize_weighted_modules(gm)
+    graph = gm.graph
+    cache: dict = {}
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, FoldedBatchNorm):
+            _convert_folded_bn(gm, node, mod, cache)
+        elif isinstance(mod, (FakeQuantizer, LSQFakeQuantize)):
+            if getattr(mod, "fake_quant_enabled", True) is False:
+                _bypass(gm, node)
+                continue
+            _check_ready(mod, node.target)
+            if len(node.args) == 1 and is_constant(node.args[0]):
+                _convert_weight(gm, node, mod, cache)
+            else:
+                _convert_activation(gm, node, mod)
+    graph.eliminate_dead_code()
+    _drop_unused_parameters(gm)
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _convert_weight(gm, node, fq, cache) -> None:
+    w = constant_value(node.args[0], gm, cache)
+    path = _quant_path(node.target)
+    _set_module(gm, node.target, None)
+    _set_module(gm, path, QuantizedParams.from_tensor(w, fq.scale, fq.zero_point, fq.fmt))
+    with gm.graph.inserting_before(node):
+        args = [gm.graph.get_attr(f"{path}.{n}") for n in ("codes", "scale", "zero_point")]
+        new = gm.graph.call_function(dequantize, (*args, fq.fmt.name, w.dtype))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _qdq(gm, x, path, fmt_name):
+    scale, zp = (gm.graph.get_attr(f"{path}.{n}") for n in ("scale", "zero_point"))
+    codes = gm.graph.call_function(quantize, (x, scale, zp, fmt_name))
+    values = gm.graph.call_function(dequantize, (codes, scale, zp, fmt_name))
+    return gm.graph.call_method("type_as", (values, x))
+
+
+def _convert_activation(gm, node, fq) -> None:
+    path = _quant_path(node.target)
+    _set_module(gm, node.target, None)
+    _set_module(gm, path, QuantizedParams(fq.fmt, fq.scale, fq.zero_point))
+    if len(node.args) == 1:
+        with gm.graph.inserting_before(node):
+            new = _qdq(gm, node.args[0], path, fq.fmt.name)
+        node.replace_all_uses_with(new)
+    else:  # shared: users are getitem(node, i)
+        for user in list(node.users):
+            if user.op != "call_function" or user.target is not operator.getitem:
+                raise ConvertError(f"shared quantizer {node.target!r} is used by {user.name} ({user.op}), not getitem")
+            with gm.graph.inserting_before(user):
+                new = _qdq(gm, node.args[user.args[1]], path, fq.fmt.name)
+            user.replace_all_uses_with(new)
+            gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+
+
+def _convert_folded_bn(gm, node, bn: FoldedBatchNorm, cache) -> None:
+    y = node.args[0]
+    conv_bias = constant_value(node.args[1], gm, cache) if len(node.args) > 1 else None
+    with torch.no_grad():
+        shape = (1, -1) + (1,) * (_rank(y) - 2)
+        bias = bn.folded_bias(conv_bias).reshape(shape)
+    path = f"{node.target}_folded_bias"
+    parent, _, leaf = path.rpartition(".")
+    (gm.get_submodule(parent) if parent else gm).register_buffer(leaf, bias.clone())
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(operator.add, (y, gm.graph.get_attr(path)))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _rank(node) -> int:
+    if node.target in (torch.conv1d, torch.nn.functional.conv1d):
+        return 3
+    return 4
+
+
+def _bypass(gm, node) -> None:
+    if len(node.args) == 1:
+        node.replace_all_uses_with(node.args[0])
+    else:
+        for user in list(node.users):
+            user.replace_all_uses_with(node.args[user.args[1]])
+            gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+
+
+def _drop_unused_parameters(gm: fx.GraphModule) -> None:
+    """Delete parameters nothing reads any more (float weights replaced by codes, folded biases)."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    for path, _ in list(gm.named_parameters()):
+        if path in read or any(path.startswith(c + ".") for c in called):
+            continue
+        owner, _, leaf = path.rpartition(".")
+        del (gm.get_submodule(owner) if owner else gm)._parameters[leaf]

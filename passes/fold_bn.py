@@ -1,0 +1,112 @@
+"""Fold BatchNorm into the preceding conv for QAT, as deployment will see it.
+
+The conv weight is scaled by ``gamma / sqrt(running_var + eps)`` *before* its fake
+quant, so training quantizes the weight that deployment stores. In training the conv
+output is scaled back and batch norm runs on batch statistics (updating the running
+ones); in eval the output is ``conv(x, fq(w_fold)) + bias_fold``, which is exactly the
+folded deployed conv. State dict names do not change (``bn.weight``, ``bn.running_var``).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from statqat_ao.passes.functionalize import functionalize_weighted_modules
+    >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+    >>> gm = torch.fx.symbolic_trace(m); functionalize_weighted_modules(gm)
+    >>> fold_batchnorm(gm)
+    ['0']
+    >>> x = torch.randn(2, 1, 8, 8)
+    >>> torch.allclose(gm(x), m(x), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+
+def fold_scale(weight: torch.Tensor, running_var: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``weight * gamma / sqrt(running_var + eps)`` per output channel."""
+    return weight * _bn_factor(running_var, gamma, eps).reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def _bn_factor(running_var, gamma, eps):
+    factor = torch.rsqrt(running_var + eps)
+    return factor if gamma is None else gamma * factor
+
+
+class FoldedBatchNorm(nn.Module):
+    """Batch norm after a conv whose weight was scaled by :func:`fold_scale`.
+
+    Holds the original batch norm's parameters and buffers under the same names.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps, self.momentum = bn.eps, bn.momentum
+        self.weight, self.bias = bn.weight, bn.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, getattr(bn, name))
+
+    def factor(self) -> torch.Tensor:
+        return _bn_factor(self.running_var, self.weight, self.eps)
+
+    def folded_bias(self, conv_bias: torch.Tensor | None) -> torch.Tensor:
+        """``beta + (b - running_mean) * gamma / sqrt(running_var + eps)``: the deployed conv bias."""
+        b = -self.running_mean if conv_bias is None else conv_bias - self.running_mean
+        folded = b * self.factor()
+        return folded if self.bias is None else folded + self.bias
+
+    def forward(self, y: torch.Tensor, conv_bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        if not self.training:
+            return y + self.folded_bias(conv_bias).reshape(shape)
+        y = y / self.factor().reshape(shape)
+        if conv_bias is not None:
+            y = y + conv_bias.reshape(shape)
+        momentum = self.momentum
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
+    """In place: fold every ``conv -> BatchNorm`` pair (conv with one user); return the convs' names.
+
+    Expects functional convs on ``get_attr`` weights (:mod:`.functionalize`). The
+    BatchNorm module is replaced by a :class:`FoldedBatchNorm` at the same path.
+    """
+    folded = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        conv = node.args[0]
+        if not (
+            isinstance(conv, fx.Node)
+            and conv.op == "call_function"
+            and conv.target in (F.conv1d, F.conv2d)
+            and len(conv.users) == 1
+            and isinstance(conv.args[1], fx.Node)
+            and conv.args[1].op == "get_attr"
+        ):
+            continue
+        bn = gm.get_submodule(node.target)
+        if not bn.track_running_stats or bn.running_var is None:
+            continue
+        weight, bias = conv.args[1], conv.args[2]
+        with gm.graph.inserting_before(conv):
+            var = gm.graph.get_attr(f"{node.target}.running_var")
+            gamma = gm.graph.get_attr(f"{node.target}.weight") if bn.affine else None
+            scaled = gm.graph.call_function(fold_scale, (weight, var, gamma, bn.eps))
+        conv.args = (conv.args[0], scaled, None, *conv.args[3:])
+        parent, _, leaf = node.target.rpartition(".")
+        folded_bn = FoldedBatchNorm(bn)
+        folded_bn.train(bn.training)
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, folded_bn)
+        node.args = (conv, bias) if bias is not None else (conv,)
+        folded.append(conv.meta.get("statqat_module", (conv.name,))[0])
+    gm.recompile()
+    return folded

@@ -1,0 +1,141 @@
+"""Which graph nodes are which ops, for fx (torch functions, modules) and torch.export (aten) graphs.
+
+Example:
+    >>> import torch
+    >>> from statqat_ao.passes.patterns import op_kind
+    >>> gm = torch.fx.symbolic_trace(lambda a, b: torch.matmul(a, b) + a)
+    >>> [op_kind(n, gm) for n in gm.graph.nodes if n.op == "call_function"]
+    ['matmul', 'add']
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+_FUNCTION_KINDS: dict[object, str] = {
+    F.linear: "linear",
+    aten.linear.default: "linear",
+    F.conv1d: "conv1d",
+    aten.conv1d.default: "conv1d",
+    F.conv2d: "conv2d",
+    aten.conv2d.default: "conv2d",
+    torch.matmul: "matmul",
+    operator.matmul: "matmul",
+    torch.bmm: "matmul",
+    aten.matmul.default: "matmul",
+    aten.bmm.default: "matmul",
+    operator.add: "add",
+    torch.add: "add",
+    aten.add.Tensor: "add",
+    torch.cat: "cat",
+    torch.concat: "cat",
+    aten.cat.default: "cat",
+}
+
+# Weighted ops the pass cannot quantize: kept float and listed in one warning.
+_UNSUPPORTED_FUNCTIONS = {
+    F.embedding: "embedding",
+    aten.embedding.default: "embedding",
+    F.conv3d: "conv3d",
+    aten.conv3d.default: "conv3d",
+    F.conv_transpose1d: "conv_transpose1d",
+    F.conv_transpose2d: "conv_transpose2d",
+    aten.conv_transpose1d.default: "conv_transpose1d",
+    aten.conv_transpose2d.input: "conv_transpose2d",
+}
+
+WEIGHTED_KINDS = ("linear", "conv1d", "conv2d")
+SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Modules with parameters that need no quantizer of their own (normalisation).
+_FLOAT_BY_DESIGN = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.PReLU,
+)
+
+
+def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """``linear``, ``conv1d``, ``conv2d``, ``matmul``, ``add``, ``cat`` or None."""
+    if node.op == "call_function":
+        return _FUNCTION_KINDS.get(node.target)
+    if node.op == "call_method" and node.target in ("add", "matmul"):
+        return node.target
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod) in (nn.Linear,):
+            return "linear"
+        if type(mod) in (nn.Conv1d, nn.Conv2d):
+            return "conv1d" if isinstance(mod, nn.Conv1d) else "conv2d"
+    return None
+
+
+def is_float_by_design(mod: nn.Module) -> bool:
+    from statqat_ao.estimators.lsq import LSQFakeQuantize
+    from statqat_ao.fake_quantizer import FakeQuantizer
+    from .fold_bn import FoldedBatchNorm
+
+    return isinstance(mod, (*_FLOAT_BY_DESIGN, FoldedBatchNorm, FakeQuantizer, LSQFakeQuantize))
+
+
+def unsupported_weighted_op(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """A description of a weighted op the pass leaves float, or None."""
+    if node.op == "call_function" and node.target in _UNSUPPORTED_FUNCTIONS:
+        weight = node.args[0] if node.target is aten.embedding.default else node.args[1]
+        owner = weight_owner(weight)
+        kind = _UNSUPPORTED_FUNCTIONS[node.target]
+        return f"{owner or node.name} ({kind})"
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        has_params = any(True for _ in mod.parameters(recurse=True))
+        if has_params and op_kind(node, gm) is None and not is_float_by_design(mod):
+            return f"{node.target} ({type(mod).__name__})"
+    return None
+
+
+def weight_owner(node) -> str | None:
+    """For a ``get_attr`` node of a parameter ``a.b.weight``: the owner path ``a.b``."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return node.target.rpartition(".")[0]
+    return None
+
+
+def is_float_activation(node, allow_inputs: bool = True) -> bool:
+    """A floating-point tensor computed in the graph (or a graph input, if allowed).
+
+    Constants and integer tensors (masks, indices) are not activations.
+    """
+    if not isinstance(node, fx.Node) or node.op == "get_attr":
+        return False
+    if node.op == "placeholder" and not allow_inputs:
+        return False
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    if val is not None and hasattr(val, "dtype"):
+        return val.dtype.is_floating_point
+    return True
+
+
+def enclosing_module(node: fx.Node) -> tuple[str, type | None]:
+    """The qualified name and type of the innermost module that produced ``node`` ("" if none)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", None
+    path, module_type = list(stack.values())[-1]
+    if isinstance(module_type, str):  # torch.export records the qualified class name
+        module_type = None
+    # torch.export writes paths like "L['self'].encoder.layer[0]"; fx writes "encoder.layer.0".
+    return _clean_path(path), module_type
+
+
+def _clean_path(path: str) -> str:
+    for prefix in ("L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path.replace("[", ".").replace("]", "").replace("'", "")

@@ -1,0 +1,229 @@
+"""``prepare_qat_fx``: trace a model and insert StatQAT fake quantization.
+
+What gets a fake quant (the tensors a deployed integer graph stores or computes on):
+
+* the weight of every Linear, Conv1d and Conv2d (per channel or group, the weight spec),
+  after BatchNorm folding, stored at ``<layer>.weight_fake_quant``;
+* the input of every such layer (``<layer>.input_fake_quant``; one module when several
+  layers read the same tensor, such as Q/K/V projections);
+* both operands of a matmul / bmm (attention scores and context);
+* the operands of a residual add or a cat of computed activations, through *one*
+  module with one scale, because the integer op needs equal scales.
+
+Graph inputs, constants and integer tensors (masks, indices) stay float. Weighted ops the
+pass cannot quantize (embeddings, transposed or 3-D convs, opaque modules) stay float
+and are listed in one warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+
+import torch
+from torch import fx, nn
+
+from statqat_ao.blocks import block_layout
+from statqat_ao.formats import get_format
+from statqat_ao.qconfig import QuantSpec, StatQATQConfig, statqat_qconfig
+from .constants import constant_value, param_path
+from .fold_bn import fold_batchnorm
+from .functionalize import functionalize_weighted_modules
+from .patterns import (
+    WEIGHTED_KINDS,
+    enclosing_module,
+    is_float_activation,
+    op_kind,
+    unsupported_weighted_op,
+)
+from .trace import trace
+
+
+def _register(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
+    """Register ``module`` at ``path`` (a free name next to it if taken); return the path."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    name, k = leaf, 1
+    while hasattr(parent, name):
+        name, k = f"{leaf}_{k}", k + 1
+    parent.add_module(name, module)
+    return f"{parent_path}.{name}" if parent_path else name
+
+
+class _Inserter:
+    def __init__(self, gm: fx.GraphModule, qconfig: StatQATQConfig):
+        self.gm, self.qconfig = gm, qconfig
+        self.weight_fq: dict[str, fx.Node] = {}
+        self.activation_fq: dict[tuple[fx.Node, QuantSpec], fx.Node] = {}
+        self.quantized_layers: list[str] = []
+
+    def _module_of(self, node: fx.Node) -> tuple[str, object]:
+        if "statqat_module" in node.meta:
+            return node.meta["statqat_module"]
+        path = param_path(node.args[1]) if len(node.args) > 1 else None
+        if path is not None:
+            owner = path.rpartition(".")[0]
+            _, module_type = enclosing_module(node)
+            return owner, module_type or self.gm.get_submodule(owner)
+        return enclosing_module(node)
+
+    def weighted(self, node: fx.Node, kind: str) -> None:
+        weight = node.args[1]
+        path = param_path(weight)
+        if path is None:  # weight computed from inputs: not a layer weight
+            return self.operands(node, [node.args[0]])
+        name, module = self._module_of(node)
+        cfg = self.qconfig.for_module(name, module)
+        if cfg is None:
+            return None
+        if cfg.weight is not None:
+            node.args = (node.args[0], self._weight_fq(weight, path, name, cfg.weight), *node.args[2:])
+        if cfg.activation is not None and is_float_activation(node.args[0]):
+            x = self._activation_fq(node.args[0], cfg.activation, f"{name}.input_fake_quant" if name else f"{node.name}_input_fake_quant")
+            node.args = (x, *node.args[1:])
+        self.quantized_layers.append(name)
+        return None
+
+    def _weight_fq(self, weight: fx.Node, path: str, layer: str, spec: QuantSpec) -> fx.Node:
+        if path in self.weight_fq:
+            return self.weight_fq[path]
+        shape = tuple(self.gm.get_parameter(path).shape) if _is_parameter(self.gm, path) else None
+        if shape is not None:  # the group size must divide the row: fail here, naming the layer
+            block_layout(shape, spec.granularity, spec.axis, get_format(spec.fmt), name=f"layer {layer!r} weight")
+        owner = path.rpartition(".")[0]
+        leaf = path.rpartition(".")[2]
+        target = _register(self.gm, f"{owner}.{leaf}_fake_quant" if owner else f"{leaf}_fake_quant", spec.make())
+        with self.gm.graph.inserting_after(weight):
+            fq = self.gm.graph.call_module(target, (weight,))
+        self.weight_fq[path] = fq
+        return fq
+
+    def _activation_fq(self, x: fx.Node, spec: QuantSpec, path: str) -> fx.Node:
+        key = (x, spec)
+        if key not in self.activation_fq:
+            target = _register(self.gm, path, spec.make())
+            with self.gm.graph.inserting_after(x):
+                self.activation_fq[key] = self.gm.graph.call_module(target, (x,))
+        return self.activation_fq[key]
+
+    def _spec_at(self, node: fx.Node) -> QuantSpec | None:
+        name, module_type = enclosing_module(node)
+        cfg = self.qconfig.for_module(name, module_type)
+        return None if cfg is None else cfg.activation
+
+    def operands(self, node: fx.Node, operands: list) -> None:
+        """Independent fake quant on each float operand (matmul)."""
+        spec = self._spec_at(node)
+        if spec is None:
+            return
+        replace = {}
+        for i, a in enumerate(operands):
+            if is_float_activation(a):
+                replace[a] = self._activation_fq(a, spec, f"{node.name}_in{i}_fake_quant")
+        node.args = torch.utils._pytree.tree_map(lambda a: replace.get(a, a) if isinstance(a, fx.Node) else a, node.args)
+
+    def shared(self, node: fx.Node, operands: list) -> None:
+        """One fake quant, one scale, for all operands (residual add, cat)."""
+        spec = self._spec_at(node)
+        # Graph inputs are excluded here: an add of an input is usually a mask or a bias.
+        if spec is None or len(operands) < 2 or not all(is_float_activation(a, allow_inputs=False) for a in operands):
+            return
+        target = _register(self.gm, f"{node.name}_fake_quant", spec.make())
+        with self.gm.graph.inserting_before(node):
+            fq = self.gm.graph.call_module(target, tuple(operands))
+            outs = {a: self.gm.graph.call_function(operator.getitem, (fq, i)) for i, a in enumerate(operands)}
+        node.args = torch.utils._pytree.tree_map(lambda a: outs.get(a, a) if isinstance(a, fx.Node) else a, node.args)
+
+
+def _is_parameter(gm: nn.Module, path: str) -> bool:
+    owner, _, leaf = path.rpartition(".")
+    return leaf in (gm.get_submodule(owner) if owner else gm)._parameters
+
+
+def prepare_qat_fx(
+    model: nn.Module,
+    qconfig: StatQATQConfig | None = None,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+    trace_method: str = "auto",
+) -> fx.GraphModule:
+    """Trace ``model`` and insert StatQAT fake quantization for QAT.
+
+    Args:
+        model: the float model (copied, not modified).
+        qconfig: a :class:`~statqat_ao.StatQATQConfig` (default :data:`statqat_qconfig`).
+        example_inputs: positional inputs. Needed where torch.fx cannot trace the model
+            (then torch.export is used) and to initialise the activation scales; without
+            them activation scales start on the first forward.
+        example_kwargs: keyword inputs for the torch.export path.
+        trace_method: ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``.
+
+    Returns:
+        A trainable GraphModule in the model's train/eval mode. Parameter names are the
+        model's own; quantizer state sits at ``<layer>.weight_fake_quant`` and
+        ``<layer>.input_fake_quant``.
+
+    Example:
+        >>> import torch, statqat_ao as sq
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> qat = sq.prepare_qat_fx(model, sq.statqat_qconfig, (torch.randn(4, 16),))
+        >>> qat(torch.randn(4, 16)).shape
+        torch.Size([4, 2])
+        >>> sorted(k for k in qat.state_dict() if k.startswith("0."))[:3]
+        ['0.bias', '0.input_fake_quant._extra_state', '0.input_fake_quant.scale']
+
+    Raises:
+        TraceError: the model cannot be traced (naming the construct).
+        ValueError: a group size that does not divide a layer's row, naming the layer.
+    """
+    qconfig = statqat_qconfig if qconfig is None else qconfig
+    if not isinstance(qconfig, StatQATQConfig):
+        raise TypeError(
+            f"qconfig must be a StatQATQConfig (sq.get_statqat_qconfig(...)), got {type(qconfig).__name__}"
+        )
+    training = model.training
+    gm, _ = trace(copy.deepcopy(model), example_inputs, example_kwargs, trace_method)
+    functionalize_weighted_modules(gm)
+    fold_batchnorm(gm)
+    inserter = _Inserter(gm, qconfig)
+    unsupported = []
+    for node in list(gm.graph.nodes):
+        kind = op_kind(node, gm)
+        if kind in WEIGHTED_KINDS and node.op == "call_function":
+            inserter.weighted(node, kind)
+        elif kind == "matmul":
+            inserter.operands(node, list(node.args[:2]))
+        elif kind == "add" and len(node.args) >= 2 and not node.kwargs:
+            inserter.shared(node, list(node.args[:2]))
+        elif kind == "cat" and isinstance(node.args[0], (list, tuple)):
+            inserter.shared(node, list(node.args[0]))
+        else:
+            what = unsupported_weighted_op(node, gm)
+            if what is not None:
+                unsupported.append(what)
+    gm.graph.lint()
+    gm.recompile()
+    if unsupported:
+        warnings.warn(
+            f"statqat: {len(unsupported)} weighted op(s) have no StatQAT quantizer and stay float: "
+            + ", ".join(unsupported),
+            stacklevel=2,
+        )
+    _initialize(gm, inserter, example_inputs, example_kwargs)
+    gm.train(training)
+    return gm
+
+
+@torch.no_grad()
+def _initialize(gm: fx.GraphModule, inserter: _Inserter, example_inputs, example_kwargs) -> None:
+    """First scales: weights from the weights themselves, activations from the example inputs."""
+    was_training = gm.training
+    gm.eval()  # eval: quantizers estimate once if uninitialised; batch norm keeps its stats
+    cache: dict = {}
+    for fq_node in inserter.weight_fq.values():
+        fq = gm.get_submodule(fq_node.target)
+        fq(constant_value(fq_node.args[0], gm, cache))
+    if example_inputs is not None:
+        gm(*example_inputs, **(example_kwargs or {}))
+    gm.train(was_training)

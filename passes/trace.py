@@ -1,0 +1,133 @@
+"""Trace a model into a GraphModule: torch.fx first, torch.export where fx cannot.
+
+Example:
+    >>> import torch
+    >>> from statqat_ao.passes.trace import trace
+    >>> gm, how = trace(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    >>> how
+    'fx'
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+import types
+
+import torch
+from torch import fx, nn
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced; the message names the construct and the way out."""
+
+
+def _fx_failure_site(exc: BaseException) -> str:
+    """The innermost frame of the model's own code in a tracing traceback."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "/torch/" not in f.filename and "/statqat_ao/" not in f.filename and "passes/" not in f.filename
+    ]
+    if not frames:
+        return "an unknown place"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({f.name}): {f.line}"
+
+
+def _auto_dynamic(example):
+    # Every tensor dimension dynamic where export can keep it so (batch, sequence length).
+    return torch.utils._pytree.tree_map(
+        lambda t: {d: torch.export.Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None,
+        example,
+    )
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+    method: str = "auto",
+) -> tuple[fx.GraphModule, str]:
+    """Trace ``model``; return the GraphModule and how (``"fx"`` or ``"export"``).
+
+    ``method="auto"`` tries ``torch.fx.symbolic_trace`` and falls back to
+    ``torch.export`` (non-strict, dynamic batch and sequence dims), which needs
+    ``example_inputs``.
+
+    Raises:
+        TraceError: naming the construct fx stopped at, and what to pass to use torch.export.
+    """
+    if method not in ("auto", "fx", "export"):
+        raise ValueError(f"method must be 'auto', 'fx' or 'export', got {method!r}")
+    fx_error: BaseException | None = None
+    if method in ("auto", "fx") and not isinstance(model, fx.GraphModule):
+        try:
+            return fx.symbolic_trace(model), "fx"
+        except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
+            fx_error = exc
+            if method == "fx":
+                raise TraceError(_fx_message(model, exc)) from exc
+    elif isinstance(model, fx.GraphModule) and method != "export":
+        return model, "fx"
+    if example_inputs is None:
+        raise TraceError(
+            _fx_message(model, fx_error)
+            + " Pass example_inputs=(...) to prepare_qat_fx so it can trace with torch.export instead."
+        )
+    args = tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    # Exported in eval mode: dropout probabilities inside fused ops (SDPA's dropout_p)
+    # would otherwise be baked in; .train() / .eval() on the result still switch the
+    # dropout and batch-norm nodes torchao knows how to move.
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+            dynamic = {name: _auto_dynamic(value) for name, value in bound.items()}
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        except Exception:
+            ep = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:
+        prefix = _fx_message(model, fx_error) + " " if fx_error is not None else ""
+        raise TraceError(
+            f"{prefix}torch.export also failed for {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Make that construct traceable "
+            "(see torch.export's docs on control flow), or quantize the submodules that trace."
+        ) from exc
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    _dropout_as_modules(gm)
+    return gm, "export"
+
+
+def _dropout_as_modules(gm: fx.GraphModule) -> None:
+    """Exported dropout nodes carry a fixed train flag: make them ``nn.Dropout`` modules,
+    so ``.train()`` / ``.eval()`` on the GraphModule switch them as on the original model."""
+    dropout_ops = (torch.ops.aten.dropout.default, torch.nn.functional.dropout)
+    for i, node in enumerate([n for n in gm.graph.nodes if n.op == "call_function" and n.target in dropout_ops]):
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        name = f"dropout_{i}"
+        gm.add_module(name, nn.Dropout(float(p)))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    # ExportedProgram.module() refuses .train()/.eval(); with dropout as modules, the
+    # plain nn.Module behaviour is the right one.
+    gm.train = types.MethodType(nn.Module.train, gm)
+    gm.eval = types.MethodType(nn.Module.eval, gm)
+
+
+def _fx_message(model: nn.Module, exc: BaseException | None) -> str:
+    if exc is None:
+        return f"{type(model).__name__} could not be traced."
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (
+        f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {detail}, "
+        f"at {_fx_failure_site(exc)}."
+    )
