@@ -26,6 +26,7 @@ from statqat_ao.codes import dequantize, quantize
 from statqat_ao.estimators.lsq import LSQFakeQuantize
 from statqat_ao.fake_quantizer import FakeQuantizer
 from statqat_ao.quantized import QuantizedParams
+
 from .constants import constant_value, is_constant
 from .fold_bn import FoldedBatchNorm
 from .functionalize import functionalize_weighted_modules
@@ -83,12 +84,16 @@ def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         (torch.int8, True)
     """
     gm = prepared if inplace else copy.deepcopy(prepared)
-    gm.eval()
+    _to_eval(gm)
     functionalize_weighted_modules(gm)
     graph = gm.graph
     cache: dict = {}
+    converted: dict[str, str] = {}  # quantizer path -> QuantizedParams path (PT2E reuses modules)
     for node in list(graph.nodes):
         if node.op != "call_module":
+            continue
+        if node.target in converted:
+            _reuse(gm, node, converted[node.target])
             continue
         mod = gm.get_submodule(node.target)
         if isinstance(mod, FoldedBatchNorm):
@@ -98,10 +103,12 @@ def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
                 _bypass(gm, node)
                 continue
             _check_ready(mod, node.target)
+            target = node.target
             if len(node.args) == 1 and is_constant(node.args[0]):
                 _convert_weight(gm, node, mod, cache)
             else:
                 _convert_activation(gm, node, mod)
+            converted[target] = _quant_path(target)
     graph.eliminate_dead_code()
     _drop_unused_parameters(gm)
     graph.lint()
@@ -122,6 +129,28 @@ def _convert_weight(gm, node, fq, cache) -> None:
     gm.graph.erase_node(node)
 
 
+def _to_eval(gm: fx.GraphModule) -> None:
+    try:
+        gm.eval()
+    except NotImplementedError:  # a torch.export module (PT2E): torchao's own switch
+        from statqat_ao.pt2e import set_qat_mode
+
+        set_qat_mode(gm, False)
+
+
+def _reuse(gm, node, path) -> None:
+    """Another call of an already converted quantizer: the same scale (and codes)."""
+    params = gm.get_submodule(path)
+    if params.codes is not None:
+        with gm.graph.inserting_before(node):
+            args = [gm.graph.get_attr(f"{path}.{n}") for n in ("codes", "scale", "zero_point")]
+            new = gm.graph.call_function(dequantize, (*args, params.fmt.name, params.dtype))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    else:
+        _replace_activation_calls(gm, node, path, params.fmt.name)
+
+
 def _qdq(gm, x, path, fmt_name):
     scale, zp = (gm.graph.get_attr(f"{path}.{n}") for n in ("scale", "zero_point"))
     codes = gm.graph.call_function(quantize, (x, scale, zp, fmt_name))
@@ -133,16 +162,20 @@ def _convert_activation(gm, node, fq) -> None:
     path = _quant_path(node.target)
     _set_module(gm, node.target, None)
     _set_module(gm, path, QuantizedParams(fq.fmt, fq.scale, fq.zero_point))
+    _replace_activation_calls(gm, node, path, fq.fmt.name)
+
+
+def _replace_activation_calls(gm, node, path, fmt_name) -> None:
     if len(node.args) == 1:
         with gm.graph.inserting_before(node):
-            new = _qdq(gm, node.args[0], path, fq.fmt.name)
+            new = _qdq(gm, node.args[0], path, fmt_name)
         node.replace_all_uses_with(new)
     else:  # shared: users are getitem(node, i)
         for user in list(node.users):
             if user.op != "call_function" or user.target is not operator.getitem:
                 raise ConvertError(f"shared quantizer {node.target!r} is used by {user.name} ({user.op}), not getitem")
             with gm.graph.inserting_before(user):
-                new = _qdq(gm, node.args[user.args[1]], path, fq.fmt.name)
+                new = _qdq(gm, node.args[user.args[1]], path, fmt_name)
             user.replace_all_uses_with(new)
             gm.graph.erase_node(user)
     gm.graph.erase_node(node)

@@ -80,6 +80,7 @@ def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
 def is_float_by_design(mod: nn.Module) -> bool:
     from statqat_ao.estimators.lsq import LSQFakeQuantize
     from statqat_ao.fake_quantizer import FakeQuantizer
+
     from .fold_bn import FoldedBatchNorm
 
     return isinstance(mod, (*_FLOAT_BY_DESIGN, FoldedBatchNorm, FakeQuantizer, LSQFakeQuantize))

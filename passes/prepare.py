@@ -27,6 +27,7 @@ from torch import fx, nn
 from statqat_ao.blocks import block_layout
 from statqat_ao.formats import get_format
 from statqat_ao.qconfig import QuantSpec, StatQATQConfig, statqat_qconfig
+
 from .constants import constant_value, param_path
 from .fold_bn import fold_batchnorm
 from .functionalize import functionalize_weighted_modules
@@ -93,7 +94,7 @@ class _Inserter:
             block_layout(shape, spec.granularity, spec.axis, get_format(spec.fmt), name=f"layer {layer!r} weight")
         owner = path.rpartition(".")[0]
         leaf = path.rpartition(".")[2]
-        target = _register(self.gm, f"{owner}.{leaf}_fake_quant" if owner else f"{leaf}_fake_quant", spec.make())
+        target = _register(self.gm, f"{owner}.{leaf}_fake_quant" if owner else f"{leaf}_fake_quant", spec.make(False))
         with self.gm.graph.inserting_after(weight):
             fq = self.gm.graph.call_module(target, (weight,))
         self.weight_fq[path] = fq
@@ -102,7 +103,7 @@ class _Inserter:
     def _activation_fq(self, x: fx.Node, spec: QuantSpec, path: str) -> fx.Node:
         key = (x, spec)
         if key not in self.activation_fq:
-            target = _register(self.gm, path, spec.make())
+            target = _register(self.gm, path, spec.make(True))
             with self.gm.graph.inserting_after(x):
                 self.activation_fq[key] = self.gm.graph.call_module(target, (x,))
         return self.activation_fq[key]
@@ -129,7 +130,7 @@ class _Inserter:
         # Graph inputs are excluded here: an add of an input is usually a mask or a bias.
         if spec is None or len(operands) < 2 or not all(is_float_activation(a, allow_inputs=False) for a in operands):
             return
-        target = _register(self.gm, f"{node.name}_fake_quant", spec.make())
+        target = _register(self.gm, f"{node.name}_fake_quant", spec.make(True))
         with self.gm.graph.inserting_before(node):
             fq = self.gm.graph.call_module(target, tuple(operands))
             outs = {a: self.gm.graph.call_function(operator.getitem, (fq, i)) for i, a in enumerate(operands)}

@@ -11,6 +11,8 @@ Example:
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import traceback
 import types
 
@@ -24,11 +26,12 @@ class TraceError(RuntimeError):
 
 def _fx_failure_site(exc: BaseException) -> str:
     """The innermost frame of the model's own code in a tracing traceback."""
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if "/torch/" not in f.filename and "/statqat_ao/" not in f.filename and "passes/" not in f.filename
-    ]
+    import statqat_ao
+
+    ours = tuple(
+        os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, statqat_ao, sys.modules[__package__])
+    )
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(ours)]
     if not frames:
         return "an unknown place"
     f = frames[-1]

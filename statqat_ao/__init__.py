@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvertError",
+    "StatQATQuantizer",
     "FakeQuantizer",
     "QuantSpec",
     "QuantizedParams",
@@ -44,3 +45,13 @@ __all__ = [
     "known_formats",
     "snr_db",
 ]
+
+
+def __getattr__(name: str):
+    # The PT2E quantizer imports torchao (seconds, and CUDA-library warnings on CPU):
+    # loaded on first use only.
+    if name == "StatQATQuantizer":
+        from .pt2e import StatQATQuantizer
+
+        return StatQATQuantizer
+    raise AttributeError(f"module 'statqat_ao' has no attribute {name!r}")

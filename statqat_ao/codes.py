@@ -55,7 +55,7 @@ def code_table(fmt_name: str) -> tuple[tuple[float, ...], tuple[int, ...]]:
     """``(value_of_code, code_of_grid_index)`` for a float or lookup format.
 
     ``value_of_code[c]`` decodes code ``c`` (NaN for FP8's NaN/Inf codes);
-    ``code_of_grid_index[i]`` encodes ``fmt.grid[i]`` (zero as +0).
+    ``code_of_grid_index[i]`` encodes ``fmt.grid[i]`` (zero as +0; quantize keeps -0).
     """
     fmt = get_format(fmt_name)
     if fmt.family == "lut":
@@ -96,6 +96,9 @@ def _quantize_impl(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     grid = f.grid_tensor(x.device)
     index = torch.searchsorted(grid, grid_values.reshape(-1).contiguous())
     codes = torch.tensor(code_table(f.name)[1], dtype=torch.uint8, device=x.device)[index]
+    if f.family == "float":  # keep the sign of zero, as the casts (and fake_quantize's -0.0) do
+        flat = grid_values.reshape(-1)
+        codes = torch.where((flat == 0) & torch.signbit(flat), 1 << (f.bits - 1), codes.int()).to(torch.uint8)
     return codes.reshape(shape)
 
 

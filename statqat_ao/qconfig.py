@@ -38,7 +38,7 @@ class QuantSpec:
 
     Example:
         >>> QuantSpec("int4", granularity="channel").make()
-        FakeQuantizer(fmt=int4, method=analytic, granularity=channel, axis=0, symmetric=True)
+        StatQATFakeQuantize(fmt=int4, method=analytic, granularity=channel, axis=0, symmetric=True)
     """
 
     fmt: str
@@ -62,17 +62,22 @@ class QuantSpec:
         if not (g in ("tensor", "channel") or (isinstance(g, int) and not isinstance(g, bool) and g > 0)):
             raise ValueError(f"granularity must be 'tensor', 'channel' or a positive int, got {g!r}")
 
-    def make(self, name: str | None = None):
-        """A fresh :class:`~statqat_ao.FakeQuantizer` (or LSQ module) for this spec."""
+    def make(self, is_activation: bool = False):
+        """A fresh fake-quant module for this spec.
+
+        A :class:`~statqat_ao.torch_ao.StatQATFakeQuantize` (a FakeQuantizer that is also
+        a torch.ao ``FakeQuantizeBase``, so ``model.apply(torch.ao.quantization.disable_observer)``
+        works), or an LSQ module.
+        """
         if self.method == "lsq":
             from .estimators.lsq import LSQFakeQuantize
 
             if not self.symmetric:
                 raise ValueError("LSQ here is symmetric; use symmetric=True or another method")
             return LSQFakeQuantize(self.fmt, self.granularity, self.axis)
-        from .fake_quantizer import FakeQuantizer
+        from .torch_ao import StatQATFakeQuantize
 
-        return FakeQuantizer(self.fmt, self.method, self.granularity, self.axis, self.symmetric)
+        return StatQATFakeQuantize(self.fmt, self.method, self.granularity, self.axis, self.symmetric, is_activation)
 
 
 @dataclass(frozen=True)

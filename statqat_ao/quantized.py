@@ -31,9 +31,17 @@ class QuantizedParams(nn.Module):
         codes: the stored codes (weights), or None (activations, quantized at run time).
     """
 
-    def __init__(self, fmt: str | Format, scale: torch.Tensor, zero_point: torch.Tensor, codes: torch.Tensor | None = None):
+    def __init__(
+        self,
+        fmt: str | Format,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        codes: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.fmt = get_format(fmt)
+        self.dtype = dtype  # of the dequantized values (the trained tensor's dtype)
         self.register_buffer("scale", scale.detach().clone().float())
         self.register_buffer("zero_point", zero_point.detach().clone().to(torch.int32))
         self.register_buffer("codes", None if codes is None else codes.detach().clone())
@@ -41,7 +49,7 @@ class QuantizedParams(nn.Module):
     @classmethod
     def from_tensor(cls, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: str | Format) -> QuantizedParams:
         """Quantize ``x`` (a weight) with the given scale and keep its codes."""
-        return cls(fmt, scale, zero_point, quantize(x.detach(), scale, zero_point, fmt))
+        return cls(fmt, scale, zero_point, quantize(x.detach(), scale, zero_point, fmt), x.dtype)
 
     @property
     def granularity(self) -> str | int:
@@ -53,17 +61,18 @@ class QuantizedParams(nn.Module):
         )
         return "channel" if broadcasts else self.codes.numel() // self.scale.numel()
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float values of the stored codes."""
+    def dequantize(self) -> torch.Tensor:
+        """The float values of the stored codes, in the trained tensor's dtype."""
         if self.codes is None:
             raise ValueError("activation parameters have no codes; quantize an input first")
-        return dequantize(self.codes, self.scale, self.zero_point, self.fmt, dtype)
+        return dequantize(self.codes, self.scale, self.zero_point, self.fmt, self.dtype)
 
     def get_extra_state(self) -> dict:
-        return {"fmt": self.fmt.name}
+        return {"fmt": self.fmt.name, "dtype": str(self.dtype).removeprefix("torch.")}
 
     def set_extra_state(self, state: dict) -> None:
         self.fmt = get_format(state["fmt"])
+        self.dtype = getattr(torch, state.get("dtype", "float32"))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("scale", "zero_point", "codes"):

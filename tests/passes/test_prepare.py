@@ -1,0 +1,185 @@
+"""prepare_qat_fx: where fake quant goes, BN folding, QAT on real data, bad input."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import MLP, digits, qat_losses
+from statqat_ao.passes.fold_bn import FoldedBatchNorm
+from torch import nn
+
+import statqat_ao as sq
+from statqat_ao.models import DigitsCNN, TransformerBlock
+
+
+def _fq_paths(gm):
+    return {n for n, m in gm.named_modules() if isinstance(m, sq.FakeQuantizer)}
+
+
+def test_cnn_gets_weight_input_and_shared_residual_quantizers_with_readable_names():
+    x = digits()[0][:32]
+    qat = sq.prepare_qat_fx(DigitsCNN(), sq.statqat_qconfig, (x,))
+    paths = _fq_paths(qat)
+    for layer in ("stem", "dw", "pw", "fc"):
+        assert f"{layer}.weight_fake_quant" in paths and f"{layer}.input_fake_quant" in paths
+    shared = [p for p in paths if p.startswith("add")]
+    assert len(shared) == 1  # the residual add: one quantizer for both operands
+    keys = qat.state_dict().keys()
+    assert {"stem.weight", "stem_bn.running_var", "stem_bn.weight", "fc.bias"} <= set(keys)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qat.modules())
+
+
+def test_weight_scales_start_at_the_estimator_of_the_folded_weight():
+    model = DigitsCNN().eval()
+    with torch.no_grad():
+        model.stem_bn.running_var.uniform_(0.5, 2.0)
+        model.stem_bn.weight.uniform_(0.5, 1.5)
+    qat = sq.prepare_qat_fx(model, sq.statqat_qconfig)
+    bn = model.stem_bn
+    folded = model.stem.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
+    expected, _ = sq.estimate_qparams(folded, "int4", "analytic", "channel")
+    torch.testing.assert_close(qat.stem.weight_fake_quant.scale, expected)
+    fc_scale, _ = sq.estimate_qparams(model.fc.weight, "int4", "analytic", "channel")
+    torch.testing.assert_close(qat.fc.weight_fake_quant.scale, fc_scale)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bn_folding_with_quantization_off_reproduces_the_float_model(mode):
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    with torch.no_grad():
+        for bn in (model.stem_bn, model.dw_bn):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.1)
+    x = digits()[0][:64]
+    qat = sq.prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+    qat.apply(torch.ao.quantization.disable_fake_quant)
+    model.train(mode == "train")
+    qat.train(mode == "train")
+    torch.testing.assert_close(qat(x), model(x), rtol=1e-4, atol=1e-5)
+    if mode == "train":  # batch statistics moved the running ones the same way
+        torch.testing.assert_close(qat.stem_bn.running_mean, model.stem_bn.running_mean)
+        torch.testing.assert_close(qat.dw_bn.running_var, model.dw_bn.running_var)
+
+
+@pytest.mark.parametrize("make", [MLP, DigitsCNN], ids=["mlp", "cnn"])
+@pytest.mark.parametrize(
+    "qconfig",
+    [
+        sq.statqat_qconfig,
+        sq.get_statqat_qconfig("fp4_e2m1", "fp8_e4m3", weight_granularity=16, skip=["stem", "dw"]),
+        sq.get_statqat_qconfig("int4", "int8", weight_method="iterative", activation_symmetric=False),
+    ],
+    ids=["w4a8", "fp4-g16-a-fp8", "iterative-asym"],
+)
+def test_qat_on_digits_lowers_the_loss(make, qconfig):
+    torch.manual_seed(0)
+    qat = sq.prepare_qat_fx(make(), qconfig, (digits()[0][:64],))
+    losses = qat_losses(qat, steps=15)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3
+
+
+def test_transformer_block_quantizes_linears_and_both_matmul_operands():
+    torch.manual_seed(0)
+    block = TransformerBlock(dim=64, heads=4)
+    x = torch.randn(4, 16, 64)
+    qat = sq.prepare_qat_fx(block, sq.statqat_qconfig, (x,))
+    paths = _fq_paths(qat)
+    assert {f"{n}.weight_fake_quant" for n in ("qkv", "proj", "fc1", "fc2")} <= paths
+    assert sum(p.startswith("matmul") for p in paths) == 4  # q, k and probabilities, v
+    target = block(x).detach() + 0.1 * torch.randn(4, 16, 64)
+    opt = torch.optim.Adam(qat.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        loss = nn.functional.mse_loss(qat(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_skip_list_and_type_override():
+    qc = sq.get_statqat_qconfig("int4", "int8", skip=["stem"]).override_type(nn.Linear, weight="int8")
+    qat = sq.prepare_qat_fx(DigitsCNN(), qc, (digits()[0][:8],))
+    paths = _fq_paths(qat)
+    assert not any(p.startswith("stem.") for p in paths)
+    assert qat.fc.weight_fake_quant.fmt.name == "int8"
+    assert qat.pw.weight_fake_quant.fmt.name == "int4"
+
+
+def test_weight_only_has_no_activation_quantizers():
+    qat = sq.prepare_qat_fx(MLP(), sq.get_statqat_qconfig("nvfp4", activation=None))
+    assert _fq_paths(qat) == {"fc1.weight_fake_quant", "fc2.weight_fake_quant"}
+    assert qat.fc1.weight_fake_quant.scale.shape == (64, 4)
+
+
+def test_group_size_that_does_not_divide_fails_at_prepare_naming_the_layer():
+    with pytest.raises(ValueError, match=r"layer 'fc2' weight.*row length 64|row length 64.*'fc2'"):
+        sq.prepare_qat_fx(MLP(), sq.get_statqat_qconfig("int4", weight_granularity=48).skip("fc1"))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_untraceable_model_names_the_construct_and_suggests_export():
+    with pytest.raises(sq.TraceError) as info:
+        sq.prepare_qat_fx(Untraceable())
+    message = str(info.value)
+    assert "if x.sum() > 0" in message and "example_inputs" in message and "torch.export" in message
+
+
+class MaskedLookup(nn.Module):
+    """Traceable only by torch.export (item assignment on an input-derived tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.zeros_like(x)
+        h[:, :4] = x[:, :4]
+        return self.fc(h)
+
+
+def test_export_fallback_quantizes_and_keeps_readable_names():
+    model = MaskedLookup()
+    x = torch.randn(4, 8)
+    qat = sq.prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+    assert "fc.weight_fake_quant" in _fq_paths(qat)
+    assert qat(torch.randn(7, 8)).shape == (7, 8)  # dynamic batch
+
+
+def test_modules_without_a_quantizer_are_listed_in_one_warning():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.up = nn.ConvTranspose1d(8, 8, 2)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, ids):
+            h = self.up(self.emb(ids).transpose(1, 2)).transpose(1, 2)
+            return self.fc(h)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sq.prepare_qat_fx(Mixed(), sq.statqat_qconfig, (torch.randint(0, 10, (2, 5)),))
+    ours = [str(w.message) for w in caught if "stay float" in str(w.message)]
+    assert len(ours) == 1 and "emb (Embedding)" in ours[0] and "up (ConvTranspose1d)" in ours[0]
+
+
+def test_folded_batchnorm_keeps_the_original_state_dict_names():
+    bn = nn.BatchNorm2d(4)
+    assert set(FoldedBatchNorm(bn).state_dict()) == set(bn.state_dict())
