@@ -101,6 +101,24 @@ def unsupported_weighted_op(node: fx.Node, gm: fx.GraphModule) -> str | None:
     return None
 
 
+_BATCH_NORM_OPS = {
+    aten.batch_norm.default,
+    aten._native_batch_norm_legit_no_training.default,
+    aten._native_batch_norm_legit.default,
+    F.batch_norm,
+}
+
+
+def unfolded_batch_norm(node: fx.Node) -> str | None:
+    """A batch-norm *function* after a conv (the torch.export path): it cannot be folded."""
+    if node.op == "call_function" and node.target in _BATCH_NORM_OPS:
+        producer = node.args[0]
+        if isinstance(producer, fx.Node) and producer.target in (F.conv1d, F.conv2d, aten.conv1d.default, aten.conv2d.default):
+            owner = weight_owner(node.args[1]) if len(node.args) > 1 else None
+            return f"{owner or node.name} (BatchNorm after a conv, not folded on the torch.export path)"
+    return None
+
+
 def weight_owner(node) -> str | None:
     """For a ``get_attr`` node of a parameter ``a.b.weight``: the owner path ``a.b``."""
     if isinstance(node, fx.Node) and node.op == "get_attr":

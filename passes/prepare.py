@@ -36,6 +36,7 @@ from .patterns import (
     enclosing_module,
     is_float_activation,
     op_kind,
+    unfolded_batch_norm,
     unsupported_weighted_op,
 )
 from .trace import trace
@@ -200,7 +201,7 @@ def prepare_qat_fx(
         elif kind == "cat" and isinstance(node.args[0], (list, tuple)):
             inserter.shared(node, list(node.args[0]))
         else:
-            what = unsupported_weighted_op(node, gm)
+            what = unsupported_weighted_op(node, gm) or unfolded_batch_norm(node)
             if what is not None:
                 unsupported.append(what)
     gm.graph.lint()

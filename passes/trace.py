@@ -41,7 +41,9 @@ def _fx_failure_site(exc: BaseException) -> str:
 def _auto_dynamic(example):
     # Every tensor dimension dynamic where export can keep it so (batch, sequence length).
     return torch.utils._pytree.tree_map(
-        lambda t: {d: torch.export.Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None,
+        lambda t: {d: torch.export.Dim.AUTO for d in range(t.dim()) if t.shape[d] > 1}
+        if isinstance(t, torch.Tensor)
+        else None,
         example,
     )
 

@@ -183,3 +183,21 @@ def test_modules_without_a_quantizer_are_listed_in_one_warning():
 def test_folded_batchnorm_keeps_the_original_state_dict_names():
     bn = nn.BatchNorm2d(4)
     assert set(FoldedBatchNorm(bn).state_dict()) == set(bn.state_dict())
+
+
+def test_export_path_warns_that_conv_batchnorm_is_not_folded():
+    class ExportOnlyConvBn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = torch.zeros_like(x)
+            h[:, :, :4] = x[:, :, :4]  # item assignment: fx cannot trace it
+            return self.bn(self.conv(h))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sq.prepare_qat_fx(ExportOnlyConvBn(), sq.statqat_qconfig, (torch.randn(2, 1, 8, 8),))
+    assert any("bn (BatchNorm after a conv, not folded" in str(w.message) for w in caught)
