@@ -299,3 +299,22 @@ def test_carrier_override_and_contradicting_specs():
         StatQATPT2EFakeQuantize("int8", dtype=torch.int8, quant_min=-127, quant_max=127)
     with pytest.raises(ValueError, match="static"):
         StatQATPT2EFakeQuantize("int8", is_dynamic=True)
+
+
+def test_post_training_calibration_with_statqat_observers():
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from statqat_ao.pt2e import StatQATPT2EObserver
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 16)
+    quantizer = StatQATQuantizer(get_statqat_qconfig("int8", "int8"), is_qat=False)
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+    observers = [m for m in prepared.modules() if isinstance(m, StatQATPT2EObserver)]
+    assert len(observers) == 4
+    assert torch.equal(prepared(x), model(x))  # observers only observe
+    quantized = convert_pt2e(prepared)
+    ref = model(x)
+    err = (quantized(x) - ref).abs().max()
+    assert err < 0.05 * ref.abs().max()  # INT8 W8A8: about 1% of the output range
