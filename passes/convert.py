@@ -49,6 +49,12 @@ def _set_module(gm: nn.Module, path: str, module: nn.Module | None) -> None:
         setattr(owner, leaf, module)
 
 
+def _qparams(fq: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(fq, LSQFakeQuantize):  # the |s| its forward uses
+        return fq.calculate_qparams()
+    return fq.scale, fq.zero_point
+
+
 def _check_ready(fq: nn.Module, path: str) -> None:
     initialized = fq.is_initialized if isinstance(fq, FakeQuantizer) else getattr(fq, "initialized", True)
     if not initialized:
@@ -56,7 +62,8 @@ def _check_ready(fq: nn.Module, path: str) -> None:
             f"quantizer {path!r} never saw data, so it has no scale: run a forward pass "
             "(or prepare with example_inputs) before convert"
         )
-    if not bool(torch.isfinite(fq.scale).all()) or not bool((fq.scale > 0).all()):
+    scale, _ = _qparams(fq)
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
         raise ConvertError(f"quantizer {path!r} holds a non-finite or non-positive scale; check training for NaN")
 
 
@@ -121,7 +128,7 @@ def _convert_weight(gm, node, fq, cache) -> None:
     w = constant_value(node.args[0], gm, cache)
     path = _quant_path(node.target)
     _set_module(gm, node.target, None)
-    _set_module(gm, path, QuantizedParams.from_tensor(w, fq.scale, fq.zero_point, fq.fmt))
+    _set_module(gm, path, QuantizedParams.from_tensor(w, *_qparams(fq), fq.fmt))
     with gm.graph.inserting_before(node):
         args = [gm.graph.get_attr(f"{path}.{n}") for n in ("codes", "scale", "zero_point")]
         new = gm.graph.call_function(dequantize, (*args, fq.fmt.name, w.dtype))
@@ -161,7 +168,7 @@ def _qdq(gm, x, path, fmt_name):
 def _convert_activation(gm, node, fq) -> None:
     path = _quant_path(node.target)
     _set_module(gm, node.target, None)
-    _set_module(gm, path, QuantizedParams(fq.fmt, fq.scale, fq.zero_point))
+    _set_module(gm, path, QuantizedParams(fq.fmt, *_qparams(fq)))
     _replace_activation_calls(gm, node, path, fq.fmt.name)
 
 

@@ -54,7 +54,8 @@ class FakeQuantizer(nn.Module):
         # subclasses add only set flag buffers and dtype attributes, which they replace.
         nn.Module.__init__(self)
         if method not in ONLINE_METHODS:
-            raise ValueError(f"online method must be one of {ONLINE_METHODS}, got {method!r}")
+            hint = " (LSQ learns its scale: use sq.prepare_qat_fx, which builds an LSQFakeQuantize)" if method == "lsq" else ""
+            raise ValueError(f"online method must be one of {ONLINE_METHODS}, got {method!r}{hint}")
         self.fmt = get_format(fmt)
         if not symmetric and self.fmt.family != "int":
             raise ValueError(f"asymmetric quantization needs an INT format, got {self.fmt.name}")

@@ -144,7 +144,7 @@ def torch_ao_qconfig(weight, activation) -> QConfig | None:
             return PlaceholderObserver.with_args(dtype=torch.float)
         return StatQATFakeQuantize.with_args(
             fmt=spec.fmt,
-            method=spec.method if spec.method != "lsq" else "analytic",
+            method=spec.method,  # "lsq" raises when torch.ao builds it: LSQ runs in sq.prepare_qat_fx
             granularity=spec.granularity,
             axis=spec.axis,
             symmetric=spec.symmetric,

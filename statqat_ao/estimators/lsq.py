@@ -54,6 +54,7 @@ class LSQFakeQuantize(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.initialized = False
+        self.fake_quant_enabled = True
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -66,10 +67,36 @@ class LSQFakeQuantize(nn.Module):
         self._grad_factor = 1.0 / math.sqrt(layout.block_len * error_model_gmax(self.fmt, True))
         self.initialized = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Fake-quantize ``x``; with more inputs, all of them with the one learned scale."""
         from ..fake_quant import fake_quantize
 
+        if shared and self.granularity != "tensor":
+            raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
         if not self.initialized:
-            self.initialize(x.detach())
-        scale = _scale_gradient(self.scale, self._grad_factor)
-        return fake_quantize(x, scale, self.zero_point, self.fmt, learn_scale=True)
+            joint = torch.cat([t.detach().reshape(-1) for t in (x, *shared)]) if shared else x.detach()
+            self.initialize(joint)
+        if not self.fake_quant_enabled:
+            return (x, *shared) if shared else x
+        scale = self._positive(_scale_gradient(self.scale, self._grad_factor))
+        out = tuple(fake_quantize(t, scale, self.zero_point, self.fmt, learn_scale=True) for t in (x, *shared))
+        return out if shared else out[0]
+
+    @staticmethod
+    def _positive(scale: torch.Tensor) -> torch.Tensor:
+        # A gradient step can take a learned scale through zero; quantize with |s|.
+        return scale.abs().clamp(min=torch.finfo(torch.float32).tiny)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and zero point the forward quantizes with."""
+        return self._positive(self.scale.detach()), self.zero_point
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.fake_quant_enabled = enabled
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.initialized

@@ -19,6 +19,7 @@ QCONFIGS = {
     "nf4-a-uint8-asym": sq.get_statqat_qconfig(
         "nf4", "uint8", weight_granularity=32, activation_symmetric=False, skip=["stem", "dw"]
     ),
+    "lsq": sq.get_statqat_qconfig("int4", "int8", weight_method="lsq", activation_method="lsq"),
     "int3-iterative-asym": sq.get_statqat_qconfig("int3", "int8", weight_method="iterative", weight_symmetric=False),
 }
 
