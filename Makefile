@@ -27,6 +27,8 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/fidelity.py
 	$(PY) benchmarks/fake_quant_speed.py
+	$(PY) benchmarks/qat_step_speed.py
+	$(PY) benchmarks/digits_accuracy.py
 
 demo: $(STAMP)
 	$(VENV)/bin/statqat demo

@@ -58,7 +58,6 @@ class _Inserter:
         self.gm, self.qconfig = gm, qconfig
         self.weight_fq: dict[str, fx.Node] = {}
         self.activation_fq: dict[tuple[fx.Node, QuantSpec], fx.Node] = {}
-        self.quantized_layers: list[str] = []
 
     def _module_of(self, node: fx.Node) -> tuple[str, object]:
         if "statqat_module" in node.meta:
@@ -84,7 +83,6 @@ class _Inserter:
         if cfg.activation is not None and is_float_activation(node.args[0]):
             x = self._activation_fq(node.args[0], cfg.activation, f"{name}.input_fake_quant" if name else f"{node.name}_input_fake_quant")
             node.args = (x, *node.args[1:])
-        self.quantized_layers.append(name)
         return None
 
     def _weight_fq(self, weight: fx.Node, path: str, layer: str, spec: QuantSpec) -> fx.Node:

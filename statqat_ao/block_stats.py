@@ -20,24 +20,31 @@ from collections.abc import Sequence
 import torch
 
 
+def block_len(x: torch.Tensor) -> int:
+    """Elements per block of a ``[n_blocks, ...]`` block view."""
+    return x.numel() // x.shape[0]
+
+
+def per_block(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Shape ``[n_blocks]`` values to broadcast against the block view ``x``."""
+    return values.reshape(-1, *([1] * (x.dim() - 1)))
+
+
 def reduce_blocks(
     sums: Sequence[torch.Tensor] = (), maxima: Sequence[torch.Tensor] = ()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduce ``[n_blocks, block_len]`` terms to per-block sums and maxima.
+
+    A block view may keep more dimensions, ``[n_blocks, *block_shape]`` (a whole tensor
+    as one block is ``x.unsqueeze(0)``: no reshape, so no copy of a channels-last
+    activation); everything after the first dimension is reduced.
 
     Returns ``(stacked_sums [len(sums), n_blocks], stacked_maxima [len(maxima), n_blocks])``;
     an empty sequence gives an empty leading dimension. Minima are maxima of negated terms.
     """
     ref = (list(sums) + list(maxima))[0]
     n_blocks = ref.shape[0]
-    s = (
-        torch.stack([t.sum(dim=1) for t in sums])
-        if sums
-        else ref.new_zeros((0, n_blocks))
-    )
-    m = (
-        torch.stack([t.amax(dim=1) for t in maxima])
-        if maxima
-        else ref.new_zeros((0, n_blocks))
-    )
+    dims = tuple(range(1, ref.dim()))
+    s = torch.stack([t.sum(dim=dims) for t in sums]) if sums else ref.new_zeros((0, n_blocks))
+    m = torch.stack([t.amax(dim=dims) for t in maxima]) if maxima else ref.new_zeros((0, n_blocks))
     return s, m

@@ -38,6 +38,14 @@ class BlockLayout:
             return x.movedim(self.axis, 0).reshape(self.n_blocks, self.block_len)
         return x.reshape(self.n_blocks, self.block_len)
 
+    def block_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`to_blocks`, but a per-tensor block keeps ``x``'s shape: ``[1, *x.shape]``.
+
+        For the online estimators, which reduce every dimension after the first: a view,
+        so a compiled graph reads the tensor in whatever layout Inductor gave it.
+        """
+        return x.unsqueeze(0) if self.granularity == "tensor" else self.to_blocks(x)
+
     def from_blocks(self, per_block: torch.Tensor) -> torch.Tensor:
         """Shape a ``[n_blocks]`` tensor of scales or zero points like :attr:`scale_shape`."""
         return per_block.reshape(self.scale_shape)

@@ -27,6 +27,13 @@ from .formats import Format, get_format
 ONLINE_METHODS = ("analytic", "iterative", "minmax")
 
 
+def _joint(xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """All of ``xs`` as one tensor for joint per-tensor statistics."""
+    if all(t.shape == xs[0].shape for t in xs):
+        return torch.stack([t.detach() for t in xs])  # keeps each operand's layout
+    return torch.cat([t.detach().reshape(-1) for t in xs])
+
+
 class FakeQuantizer(nn.Module):
     """Fake quantization of one tensor with an online StatQAT scale.
 
@@ -69,7 +76,7 @@ class FakeQuantizer(nn.Module):
     @torch.no_grad()
     def _estimate(self, x: torch.Tensor) -> None:
         layout = block_layout(x.shape, self.granularity, self.axis, self.fmt)
-        blocks = layout.to_blocks(x.detach().float())
+        blocks = layout.block_view(x.detach().float())
         warm = self._scale_shape == layout.scale_shape
         if self.method == "iterative" and warm:
             zp = self.zero_point.reshape(-1).float()
@@ -115,7 +122,7 @@ class FakeQuantizer(nn.Module):
         if self.granularity != "tensor":
             raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
         if self.observer_enabled and (self.training or self._scale_shape is None):
-            self._estimate(torch.cat([t.detach().reshape(-1) for t in xs]))
+            self._estimate(_joint(xs))
         if not self.fake_quant_enabled:
             return xs
         return tuple(fake_quantize(t, self.scale, self.zero_point, self.fmt) for t in xs)

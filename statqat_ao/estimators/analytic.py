@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..block_stats import reduce_blocks
+from ..block_stats import block_len, reduce_blocks
 from ..error_model import GAUSSIAN, Family, c_opt, kurtosis_to_c_opt_table
 from ..formats import Format
 from .common import centered_zero_point, error_model_gmax
@@ -47,7 +47,7 @@ def analytic_qparams(
     ones the standard deviation about the mean, and a zero point that centres the grid
     on the mean.
     """
-    n = x.shape[1]
+    n = block_len(x)
     if symmetric:
         sums, maxima = reduce_blocks(sums=[x * x, (x * x) ** 2], maxima=[x.abs()])
         var, fourth = sums[0] / n, sums[1] / n

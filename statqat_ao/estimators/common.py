@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from ..block_stats import reduce_blocks
+from ..block_stats import per_block, reduce_blocks
 from ..formats import Format
 from ..rounding import round_to_grid
 
 
 def centered_codes(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Grid values minus zero point: ``x ~ s * codes``. ``x`` is ``[B, L]``, ``s``/``zp`` are ``[B]``."""
-    return round_to_grid(x / s[:, None] + zp[:, None], fmt) - zp[:, None]
+    """Grid values minus zero point: ``x ~ s * codes``. ``x`` is ``[B, ...]``, ``s``/``zp`` are ``[B]``."""
+    s, zp = per_block(s, x), per_block(zp, x)
+    return round_to_grid(x / s + zp, fmt) - zp
 
 
 def block_sse(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Per-block sum of squared quantization error, ``[B]``."""
-    err = x - s[:, None] * centered_codes(x, s, zp, fmt)
+    err = x - per_block(s, x) * centered_codes(x, s, zp, fmt)
     return reduce_blocks(sums=[err * err])[0][0]
 
 

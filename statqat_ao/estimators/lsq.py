@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..block_stats import reduce_blocks
+from ..block_stats import block_len, reduce_blocks
 from ..blocks import block_layout
 from ..formats import Format, get_format
 from .common import centered_zero_point, error_model_gmax
@@ -21,11 +21,11 @@ from .common import centered_zero_point, error_model_gmax
 def lsq_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block LSQ initial scale for ``x`` of shape ``[B, L]``."""
     gmax = error_model_gmax(fmt, symmetric)
-    sums, _ = reduce_blocks(sums=[x.abs()])
-    s = 2 * sums[0] / x.shape[1] / math.sqrt(gmax)
+    sums, _ = reduce_blocks(sums=[x.abs(), x])
+    s = 2 * sums[0] / block_len(x) / math.sqrt(gmax)
     if symmetric:
         return s, torch.zeros_like(s)
-    return s, centered_zero_point(x.mean(dim=1), s, fmt)
+    return s, centered_zero_point(sums[1] / block_len(x), s, fmt)
 
 
 def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
