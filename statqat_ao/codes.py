@@ -35,7 +35,12 @@ from .rounding import round_to_grid
 
 
 def code_dtype(fmt: Format) -> torch.dtype:
-    """The storage dtype of ``fmt``'s codes."""
+    """The storage dtype of ``fmt``'s codes.
+
+    Example:
+        >>> code_dtype(get_format("int4")), code_dtype(get_format("nvfp4"))
+        (torch.int8, torch.uint8)
+    """
     return torch.int8 if fmt.family == "int" and fmt.signed else torch.uint8
 
 
@@ -56,6 +61,11 @@ def code_table(fmt_name: str) -> tuple[tuple[float, ...], tuple[int, ...]]:
 
     ``value_of_code[c]`` decodes code ``c`` (NaN for FP8's NaN/Inf codes);
     ``code_of_grid_index[i]`` encodes ``fmt.grid[i]`` (zero as +0; quantize keeps -0).
+
+    Example:
+        >>> values, codes = code_table("fp4_e2m1")
+        >>> values[7], values[15], codes[-1]
+        (6.0, -6.0, 7)
     """
     fmt = get_format(fmt_name)
     if fmt.family == "lut":

@@ -34,6 +34,11 @@ def carrier(fmt: Format, symmetric: bool, is_activation: bool) -> tuple[torch.dt
 
     Non-INT formats report the carrier of an INT format of the same width, for
     BackendConfig matching only (their codes are not integers).
+
+    Example:
+        >>> from statqat_ao import get_format
+        >>> carrier(get_format("int4"), True, False), carrier(get_format("int8"), True, True)
+        ((torch.qint8, -8, 7, 0), (torch.quint8, 0, 255, 128))
     """
     lo, hi = (int(fmt.qmin), int(fmt.qmax)) if fmt.family == "int" else (-(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1)
     if is_activation and lo < 0 and fmt.bits == 8 and symmetric:
@@ -134,7 +139,14 @@ class StatQATObserver(_TorchAOQuantizerMixin, FakeQuantizer, ObserverBase):
 
 
 def torch_ao_qconfig(weight, activation) -> QConfig | None:
-    """A torch.ao ``QConfig`` for two :class:`~statqat_ao.qconfig.QuantSpec` (None if both float)."""
+    """A torch.ao ``QConfig`` for two :class:`~statqat_ao.qconfig.QuantSpec` (None if both float).
+
+    Example:
+        >>> from statqat_ao.qconfig import QuantSpec
+        >>> qc = torch_ao_qconfig(QuantSpec("int4", granularity="channel"), None)
+        >>> type(qc.weight()).__name__, qc.activation().dtype
+        ('StatQATFakeQuantize', torch.float32)
+    """
     if weight is None and activation is None:
         return None
     from torch.ao.quantization import PlaceholderObserver
