@@ -126,3 +126,41 @@ def test_disabled_fake_quant_converts_to_float_for_that_tensor():
     x = digits()[2][:20]
     assert same_bits(converted(x), qat.eval()(x))
     assert isinstance(converted.fc2, nn.Linear)
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 16, 3, padding=1)
+        self.bn = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16 * 12, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_conv1d_with_batchnorm1d_folds_trains_and_converts_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 12)
+    qat = sq.prepare_qat_fx(Conv1dNet(), sq.statqat_qconfig, (x,))
+    assert "conv.weight_fake_quant" in dict(qat.named_modules())
+    opt = torch.optim.SGD(qat.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = qat(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    converted = sq.convert(qat)
+    assert same_bits(converted(x), qat.eval()(x))
+
+
+def test_bfloat16_model_converts_exactly():
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16)
+    x = digits()[0][:32].to(torch.bfloat16)
+    qat = sq.prepare_qat_fx(model, sq.get_statqat_qconfig("fp4_e2m1", "fp8_e4m3", weight_granularity=16), (x,))
+    out = qat(x)
+    assert out.dtype == torch.bfloat16
+    converted = sq.convert(qat)
+    assert converted.fc1.weight_quant.dtype == torch.bfloat16
+    assert same_bits(converted(x), qat.eval()(x))
