@@ -2,7 +2,12 @@
 
 Statistics update once per training forward (``analytic``: one reduction pass;
 ``iterative``: one least-squares step warm-started from the previous scale; ``minmax``
-for reference) and are frozen in eval. Everything on the training path is branch-free
+for reference) and are frozen in eval. A training forward quantizes with the scale the
+module holds and then updates it from the batch (the very first forward estimates
+first): the fake quant and the statistics do not wait on each other, so a compiled graph
+reads the tensor in one fused pass, and for ``iterative`` the least-squares step uses
+exactly the codes the forward produced. The scale a batch is quantized with is therefore
+one step behind its statistics, as with a learned (LSQ) scale. Everything on the training path is branch-free
 on tensor values and the flags are Python bools, so ``torch.compile(fullgraph=True)``
 traces it whole.
 
@@ -112,20 +117,24 @@ class FakeQuantizer(nn.Module):
         """
         if shared:
             return self._forward_shared((x, *shared))
-        if self.observer_enabled and (self.training or self._scale_shape is None):
-            self._estimate(x)
-        if not self.fake_quant_enabled:
-            return x
-        return fake_quantize(x, self.scale, self.zero_point, self.fmt)
+        cold = self._scale_shape is None
+        if self.observer_enabled and cold:
+            self._estimate(x)  # the first scale comes from this batch
+        out = fake_quantize(x, self.scale, self.zero_point, self.fmt) if self.fake_quant_enabled else x
+        if self.observer_enabled and self.training and not cold:
+            self._estimate(x)  # after the fake quant: no dependency, one fused pass
+        return out
 
     def _forward_shared(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if self.granularity != "tensor":
             raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
-        if self.observer_enabled and (self.training or self._scale_shape is None):
+        cold = self._scale_shape is None
+        if self.observer_enabled and cold:
             self._estimate(_joint(xs))
-        if not self.fake_quant_enabled:
-            return xs
-        return tuple(fake_quantize(t, self.scale, self.zero_point, self.fmt) for t in xs)
+        out = tuple(fake_quantize(t, self.scale, self.zero_point, self.fmt) for t in xs) if self.fake_quant_enabled else xs
+        if self.observer_enabled and self.training and not cold:
+            self._estimate(_joint(xs))
+        return out
 
     def enable_fake_quant(self, enabled: bool = True) -> None:
         self.fake_quant_enabled = enabled

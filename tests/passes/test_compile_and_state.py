@@ -71,12 +71,12 @@ def test_compiled_training_matches_eager(kind):
     compiled_losses = _train(compiled_model, kind, 3, forward=compiled)
     # Scale estimates are reductions, equal up to float32 summation order, so a code can
     # flip at a rounding boundary: the losses agree closely, not bit for bit.
-    torch.testing.assert_close(compiled_losses, eager_losses, rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=5e-3, atol=1e-5)
     e_scales = {k: v for k, v in eager.state_dict().items() if k.endswith(".scale")}
     c_scales = {k: v for k, v in compiled_model.state_dict().items() if k.endswith(".scale")}
     assert e_scales.keys() == c_scales.keys() and e_scales
     for k in e_scales:
-        torch.testing.assert_close(c_scales[k], e_scales[k], rtol=2e-3, atol=0, msg=k)
+        torch.testing.assert_close(c_scales[k], e_scales[k], rtol=1e-2, atol=0, msg=k)
     # Same model, same scales: compiled eval equals eager eval up to float accumulation.
     x, _ = _batch(kind, 99)
     compiled_model.eval()
@@ -88,6 +88,25 @@ def _save(obj) -> io.BytesIO:
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def test_compiled_backward_uses_the_scale_the_forward_quantized_with():
+    # The forward quantizes with the held scale and then updates it in place: the compiled
+    # backward must still mask with the old one, exactly as eager autograd does.
+    torch.manual_seed(0)
+    fq = sq.FakeQuantizer("int4", "iterative").train()
+    fq(torch.randn(4096) * 2)
+    twin = copy.deepcopy(fq)
+    compiled = torch.compile(twin, fullgraph=True)
+    x = (torch.randn(4096) * 5).requires_grad_()  # a scale jump: the masks would differ
+    x2 = x.detach().clone().requires_grad_()
+    old = fq.scale.clone()
+    fq(x).sum().backward()
+    compiled(x2).sum().backward()
+    v = x.detach() / old
+    inside = ((v >= -8) & (v <= 7)).float()  # int4 codes -8..7, with the scale before the update
+    assert not torch.equal(old, fq.scale)
+    assert torch.equal(x.grad, inside) and torch.equal(x2.grad, inside)
 
 
 @pytest.mark.parametrize("kind", ["cnn", "block"])

