@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .blocks import Granularity, block_layout
-from .estimators import analytic_qparams, iterative_qparams, least_squares_step, minmax_qparams
+from .estimators import analytic_qparams, iterative_qparams, minmax_qparams
+from .estimators.iterative import least_squares_sums, least_squares_update
 from .fake_quant import fake_quantize
 from .formats import Format, get_format
 
@@ -79,13 +80,22 @@ class FakeQuantizer(nn.Module):
         self._scale_shape: tuple[int, ...] | None = None
 
     @torch.no_grad()
-    def _estimate(self, x: torch.Tensor) -> None:
+    def _estimate(self, x: torch.Tensor, *more: torch.Tensor) -> None:
+        """Update the scale from ``x`` (and, jointly, the shared operands ``more``)."""
+        warm_shared = self.method == "iterative" and self._scale_shape == ()
+        if more and not warm_shared:
+            x, more = _joint((x, *more)), ()
         layout = block_layout(x.shape, self.granularity, self.axis, self.fmt)
         blocks = layout.block_view(x.detach().float())
         warm = self._scale_shape == layout.scale_shape
         if self.method == "iterative" and warm:
             zp = self.zero_point.reshape(-1).float()
-            s = least_squares_step(blocks, self.scale.reshape(-1), zp, self.fmt)
+            s_prev = self.scale.reshape(-1)
+            num, den = least_squares_sums(blocks, s_prev, zp, self.fmt)
+            for t in more:  # the least-squares sums add over shared operands: no copy
+                n, d = least_squares_sums(t.detach().float().unsqueeze(0), s_prev, zp, self.fmt)
+                num, den = num + n, den + d
+            s = least_squares_update(num, den, s_prev)
         elif self.method == "iterative":
             s, zp = iterative_qparams(blocks, self.fmt, self.symmetric)
         elif self.method == "analytic":
@@ -133,7 +143,7 @@ class FakeQuantizer(nn.Module):
             self._estimate(_joint(xs))
         out = tuple(fake_quantize(t, self.scale, self.zero_point, self.fmt) for t in xs) if self.fake_quant_enabled else xs
         if self.observer_enabled and self.training and not cold:
-            self._estimate(_joint(xs))
+            self._estimate(*xs)
         return out
 
     def enable_fake_quant(self, enabled: bool = True) -> None:

@@ -28,15 +28,29 @@ DEFAULT_STEPS = 8
 DEFAULT_STARTS = (1.0, 0.8, 1.2)
 
 
+def least_squares_sums(
+    x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block ``(sum x*u, sum u*u)`` for the codes ``u`` of ``x`` at scale ``s``.
+
+    Additive over the parts of a block (the operands of a shared quantizer).
+    """
+    u = centered_codes(x, s, zp, fmt)
+    sums, _ = reduce_blocks(sums=[x * u, u * u])
+    return sums[0], sums[1]
+
+
+def least_squares_update(num: torch.Tensor, den: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The least-squares scale ``num / den``, or ``s`` where that is undefined."""
+    new = num / den.clamp(min=torch.finfo(den.dtype).tiny)
+    return torch.where((den > 0) & (new > 0), new, s)
+
+
 def least_squares_step(
     x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format
 ) -> torch.Tensor:
     """One assignment + least-squares update of the per-block scale ``s`` (``[B]``)."""
-    u = centered_codes(x, s, zp, fmt)
-    sums, _ = reduce_blocks(sums=[x * u, u * u])
-    num, den = sums[0], sums[1]
-    new = num / den.clamp(min=torch.finfo(den.dtype).tiny)
-    return torch.where((den > 0) & (new > 0), new, s)
+    return least_squares_update(*least_squares_sums(x, s, zp, fmt), s)
 
 
 def iterative_qparams(

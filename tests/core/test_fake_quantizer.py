@@ -87,3 +87,24 @@ def test_cli_formats_and_demo(capsys):
     out = capsys.readouterr().out
     assert "fp4_e2m1" in out and "nvfp4" in out
     assert cli_main(["demo"]) == 0
+
+
+@pytest.mark.parametrize("method", ["iterative", "analytic", "minmax"])
+def test_shared_operands_are_estimated_jointly(method):
+    torch.manual_seed(0)
+    fq = sq.FakeQuantizer("int8", method).train()
+    a, b = torch.randn(8, 16), torch.randn(8, 16) * 4
+    qa, qb = fq(a, b)  # cold: one joint estimate
+    both = torch.cat([a.reshape(-1), b.reshape(-1)])
+    torch.testing.assert_close(fq.scale, sq.estimate_qparams(both, "int8", method)[0])
+    assert torch.equal(qa, sq.fake_quantize(a, fq.scale, None, "int8"))
+    held = fq.scale.clone()
+    c, d = torch.randn(8, 16) * 2, torch.randn(8, 16)
+    qc, _ = fq(c, d)  # warm: quantized with the held scale, then updated from both
+    assert torch.equal(qc, sq.fake_quantize(c, held, None, "int8"))
+    joint = torch.cat([c.reshape(-1), d.reshape(-1)]).unsqueeze(0)
+    if method == "iterative":
+        expected = sq.estimators.least_squares_step(joint, held.reshape(1), torch.zeros(1), sq.get_format("int8"))
+    else:
+        expected = sq.estimate_qparams(joint, "int8", method)[0]
+    torch.testing.assert_close(fq.scale.reshape(1), expected.reshape(1), rtol=1e-6, atol=0)
