@@ -53,7 +53,7 @@ def constant_value(node: fx.Node, gm: fx.GraphModule, _cache: dict | None = None
     args = torch.utils._pytree.tree_map(value, node.args)
     kwargs = torch.utils._pytree.tree_map(value, node.kwargs)
     if node.op == "get_attr":
-        out = gm.get_parameter(node.target) if _is_param(gm, node.target) else _get_attr(gm, node.target)
+        out = get_attr(gm, node.target)
     elif node.op == "call_function":
         out = node.target(*args, **kwargs)
     elif node.op == "call_method":
@@ -66,12 +66,8 @@ def constant_value(node: fx.Node, gm: fx.GraphModule, _cache: dict | None = None
     return out
 
 
-def _is_param(gm, target):
-    owner, _, name = target.rpartition(".")
-    return name in (gm.get_submodule(owner) if owner else gm)._parameters
-
-
-def _get_attr(gm, target):
+def get_attr(gm: fx.GraphModule, target: str):
+    """The object a ``get_attr`` target names (a parameter, buffer or constant)."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)

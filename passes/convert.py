@@ -56,8 +56,7 @@ def _qparams(fq: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_ready(fq: nn.Module, path: str) -> None:
-    initialized = fq.is_initialized if isinstance(fq, FakeQuantizer) else getattr(fq, "initialized", True)
-    if not initialized:
+    if not fq.is_initialized:
         raise ConvertError(
             f"quantizer {path!r} never saw data, so it has no scale: run a forward pass "
             "(or prepare with example_inputs) before convert"
@@ -99,8 +98,8 @@ def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
-        if node.target in converted:
-            _reuse(gm, node, converted[node.target])
+        if node.target in converted:  # another call of a shared quantizer
+            _replace_calls(gm, node, converted[node.target])
             continue
         mod = gm.get_submodule(node.target)
         if isinstance(mod, FoldedBatchNorm):
@@ -109,13 +108,9 @@ def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
             if getattr(mod, "fake_quant_enabled", True) is False:
                 _bypass(gm, node)
                 continue
-            _check_ready(mod, node.target)
             target = node.target
-            if len(node.args) == 1 and is_constant(node.args[0]):
-                _convert_weight(gm, node, mod, cache)
-            else:
-                _convert_activation(gm, node, mod)
-            converted[target] = _quant_path(target)
+            _check_ready(mod, target)
+            converted[target] = _convert_quantizer(gm, node, mod, cache)
     graph.eliminate_dead_code()
     _drop_unused_parameters(gm)
     graph.lint()
@@ -124,16 +119,17 @@ def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     return gm
 
 
-def _convert_weight(gm, node, fq, cache) -> None:
-    w = constant_value(node.args[0], gm, cache)
+def _convert_quantizer(gm, node, fq, cache) -> str:
+    """Replace ``fq`` by its QuantizedParams (codes for a weight) and rewrite this call."""
     path = _quant_path(node.target)
+    if len(node.args) == 1 and is_constant(node.args[0]):  # a weight: store its codes
+        params = QuantizedParams.from_tensor(constant_value(node.args[0], gm, cache), *_qparams(fq), fq.fmt)
+    else:
+        params = QuantizedParams(fq.fmt, *_qparams(fq))
     _set_module(gm, node.target, None)
-    _set_module(gm, path, QuantizedParams.from_tensor(w, *_qparams(fq), fq.fmt))
-    with gm.graph.inserting_before(node):
-        args = [gm.graph.get_attr(f"{path}.{n}") for n in ("codes", "scale", "zero_point")]
-        new = gm.graph.call_function(dequantize, (*args, fq.fmt.name, w.dtype))
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    _set_module(gm, path, params)
+    _replace_calls(gm, node, path)
+    return path
 
 
 def _to_eval(gm: fx.GraphModule) -> None:
@@ -145,17 +141,17 @@ def _to_eval(gm: fx.GraphModule) -> None:
         set_qat_mode(gm, False)
 
 
-def _reuse(gm, node, path) -> None:
-    """Another call of an already converted quantizer: the same scale (and codes)."""
+def _replace_calls(gm, node, path) -> None:
+    """Rewrite one call of a converted quantizer: dequantized codes, or quantize/dequantize."""
     params = gm.get_submodule(path)
-    if params.codes is not None:
-        with gm.graph.inserting_before(node):
-            args = [gm.graph.get_attr(f"{path}.{n}") for n in ("codes", "scale", "zero_point")]
-            new = gm.graph.call_function(dequantize, (*args, params.fmt.name, params.dtype))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-    else:
-        _replace_activation_calls(gm, node, path, params.fmt.name)
+    if params.codes is None:
+        return _replace_activation_calls(gm, node, path, params.fmt.name)
+    with gm.graph.inserting_before(node):
+        args = [gm.graph.get_attr(f"{path}.{n}") for n in ("codes", "scale", "zero_point")]
+        new = gm.graph.call_function(dequantize, (*args, params.fmt.name, params.dtype))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return None
 
 
 def _qdq(gm, x, path, fmt_name):
@@ -163,13 +159,6 @@ def _qdq(gm, x, path, fmt_name):
     codes = gm.graph.call_function(quantize, (x, scale, zp, fmt_name))
     values = gm.graph.call_function(dequantize, (codes, scale, zp, fmt_name))
     return gm.graph.call_method("type_as", (values, x))
-
-
-def _convert_activation(gm, node, fq) -> None:
-    path = _quant_path(node.target)
-    _set_module(gm, node.target, None)
-    _set_module(gm, path, QuantizedParams(fq.fmt, *_qparams(fq)))
-    _replace_activation_calls(gm, node, path, fq.fmt.name)
 
 
 def _replace_activation_calls(gm, node, path, fmt_name) -> None:
@@ -192,8 +181,7 @@ def _convert_folded_bn(gm, node, bn: FoldedBatchNorm, cache) -> None:
     y = node.args[0]
     conv_bias = constant_value(node.args[1], gm, cache) if len(node.args) > 1 else None
     with torch.no_grad():
-        shape = (1, -1) + (1,) * (_rank(y) - 2)
-        bias = bn.folded_bias(conv_bias).reshape(shape)
+        bias = bn.folded_bias_broadcast(conv_bias)
     path = f"{node.target}_folded_bias"
     parent, _, leaf = path.rpartition(".")
     (gm.get_submodule(parent) if parent else gm).register_buffer(leaf, bias.clone())
@@ -201,12 +189,6 @@ def _convert_folded_bn(gm, node, bn: FoldedBatchNorm, cache) -> None:
         new = gm.graph.call_function(operator.add, (y, gm.graph.get_attr(path)))
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
-
-
-def _rank(node) -> int:
-    if node.target in (torch.conv1d, torch.nn.functional.conv1d):
-        return 3
-    return 4
 
 
 def _bypass(gm, node) -> None:

@@ -45,6 +45,7 @@ class FoldedBatchNorm(nn.Module):
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
         self.eps, self.momentum = bn.eps, bn.momentum
+        self.ndim = 3 if isinstance(bn, nn.BatchNorm1d) else 4  # of the conv output it follows
         self.weight, self.bias = bn.weight, bn.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, getattr(bn, name))
@@ -58,10 +59,14 @@ class FoldedBatchNorm(nn.Module):
         folded = b * self.factor()
         return folded if self.bias is None else folded + self.bias
 
+    def folded_bias_broadcast(self, conv_bias: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`folded_bias` shaped to add to the conv output (``[1, C, 1, ...]``)."""
+        return self.folded_bias(conv_bias).reshape((1, -1) + (1,) * (self.ndim - 2))
+
     def forward(self, y: torch.Tensor, conv_bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = (1, -1) + (1,) * (y.dim() - 2)
         if not self.training:
-            return y + self.folded_bias(conv_bias).reshape(shape)
+            return y + self.folded_bias_broadcast(conv_bias)
         y = y / self.factor().reshape(shape)
         if conv_bias is not None:
             y = y + conv_bias.reshape(shape)

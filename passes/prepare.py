@@ -28,7 +28,7 @@ from statqat_ao.blocks import block_layout
 from statqat_ao.formats import get_format
 from statqat_ao.qconfig import QuantSpec, StatQATQConfig, statqat_qconfig
 
-from .constants import constant_value, param_path
+from .constants import constant_value, get_attr, param_path
 from .fold_bn import fold_batchnorm
 from .functionalize import functionalize_weighted_modules
 from .patterns import (
@@ -59,22 +59,19 @@ class _Inserter:
         self.weight_fq: dict[str, fx.Node] = {}
         self.activation_fq: dict[tuple[fx.Node, QuantSpec], fx.Node] = {}
 
-    def _module_of(self, node: fx.Node) -> tuple[str, object]:
+    def _module_of(self, node: fx.Node, weight_path: str) -> tuple[str, object]:
         if "statqat_module" in node.meta:
             return node.meta["statqat_module"]
-        path = param_path(node.args[1]) if len(node.args) > 1 else None
-        if path is not None:
-            owner = path.rpartition(".")[0]
-            _, module_type = enclosing_module(node)
-            return owner, module_type or self.gm.get_submodule(owner)
-        return enclosing_module(node)
+        owner = weight_path.rpartition(".")[0]
+        _, module_type = enclosing_module(node)
+        return owner, module_type or self.gm.get_submodule(owner)
 
-    def weighted(self, node: fx.Node, kind: str) -> None:
+    def weighted(self, node: fx.Node) -> None:
         weight = node.args[1]
         path = param_path(weight)
         if path is None:  # weight computed from inputs: not a layer weight
             return self.operands(node, [node.args[0]])
-        name, module = self._module_of(node)
+        name, module = self._module_of(node, path)
         cfg = self.qconfig.for_module(name, module)
         if cfg is None:
             return None
@@ -88,9 +85,9 @@ class _Inserter:
     def _weight_fq(self, weight: fx.Node, path: str, layer: str, spec: QuantSpec) -> fx.Node:
         if path in self.weight_fq:
             return self.weight_fq[path]
-        shape = tuple(self.gm.get_parameter(path).shape) if _is_parameter(self.gm, path) else None
-        if shape is not None:  # the group size must divide the row: fail here, naming the layer
-            block_layout(shape, spec.granularity, spec.axis, get_format(spec.fmt), name=f"layer {layer!r} weight")
+        # The group size must divide the row: fail here, naming the layer.
+        shape = tuple(get_attr(self.gm, path).shape)
+        block_layout(shape, spec.granularity, spec.axis, get_format(spec.fmt), name=f"layer {layer!r} weight")
         owner = path.rpartition(".")[0]
         leaf = path.rpartition(".")[2]
         target = _register(self.gm, f"{owner}.{leaf}_fake_quant" if owner else f"{leaf}_fake_quant", spec.make(False))
@@ -134,11 +131,6 @@ class _Inserter:
             fq = self.gm.graph.call_module(target, tuple(operands))
             outs = {a: self.gm.graph.call_function(operator.getitem, (fq, i)) for i, a in enumerate(operands)}
         node.args = torch.utils._pytree.tree_map(lambda a: outs.get(a, a) if isinstance(a, fx.Node) else a, node.args)
-
-
-def _is_parameter(gm: nn.Module, path: str) -> bool:
-    owner, _, leaf = path.rpartition(".")
-    return leaf in (gm.get_submodule(owner) if owner else gm)._parameters
 
 
 def prepare_qat_fx(
@@ -191,7 +183,7 @@ def prepare_qat_fx(
     for node in list(gm.graph.nodes):
         kind = op_kind(node, gm)
         if kind in WEIGHTED_KINDS and node.op == "call_function":
-            inserter.weighted(node, kind)
+            inserter.weighted(node)
         elif kind == "matmul":
             inserter.operands(node, list(node.args[:2]))
         elif kind == "add" and len(node.args) >= 2 and not node.kwargs:

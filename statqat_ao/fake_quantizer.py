@@ -125,26 +125,16 @@ class FakeQuantizer(nn.Module):
         Shared inputs (the operands of a residual add or a cat, which an integer graph
         needs on one scale) are estimated jointly, per tensor, and returned as a tuple.
         """
-        if shared:
-            return self._forward_shared((x, *shared))
-        cold = self._scale_shape is None
-        if self.observer_enabled and cold:
-            self._estimate(x)  # the first scale comes from this batch
-        out = fake_quantize(x, self.scale, self.zero_point, self.fmt) if self.fake_quant_enabled else x
-        if self.observer_enabled and self.training and not cold:
-            self._estimate(x)  # after the fake quant: no dependency, one fused pass
-        return out
-
-    def _forward_shared(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        if self.granularity != "tensor":
+        xs = (x, *shared)
+        if shared and self.granularity != "tensor":
             raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
         cold = self._scale_shape is None
         if self.observer_enabled and cold:
-            self._estimate(_joint(xs))
+            self._estimate(*xs)  # the first scale comes from this batch
         out = tuple(fake_quantize(t, self.scale, self.zero_point, self.fmt) for t in xs) if self.fake_quant_enabled else xs
         if self.observer_enabled and self.training and not cold:
-            self._estimate(*xs)
-        return out
+            self._estimate(*xs)  # after the fake quant: no dependency, one fused pass
+        return out if shared else out[0]
 
     def enable_fake_quant(self, enabled: bool = True) -> None:
         self.fake_quant_enabled = enabled

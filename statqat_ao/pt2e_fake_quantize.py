@@ -24,7 +24,7 @@ from .fake_quant import fake_quantize
 from .fake_quantizer import FakeQuantizer
 from .formats import Format
 from .qconfig import QuantSpec
-from .torch_ao import _TorchAOQuantizerMixin
+from .torch_ao import _ObserveOnlyMixin, _TorchAOQuantizerMixin
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
@@ -121,9 +121,9 @@ class StatQATPT2EFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantiz
             else x
         )
         if self._observing:
-            self._pending.append(x.detach().reshape(-1))
+            self._pending.append(x)
             if last:
-                self._estimate(torch.cat(self._pending))
+                self._estimate(*self._pending)  # joint, as FakeQuantizer's shared inputs
                 self._pending = []
         return out
 
@@ -169,7 +169,7 @@ def quantization_spec(spec: QuantSpec, is_activation: bool, observer: bool = Fal
 
 
 
-class StatQATPT2EObserver(StatQATPT2EFakeQuantize, ObserverBase):
+class StatQATPT2EObserver(_ObserveOnlyMixin, StatQATPT2EFakeQuantize, ObserverBase):
     """A torchao PT2E observer (post-training calibration, ``prepare_pt2e``) with a StatQAT scale.
 
     Estimates on every forward while observing (one warm-started step per batch for
@@ -185,11 +185,6 @@ class StatQATPT2EObserver(StatQATPT2EFakeQuantize, ObserverBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fake_quant_enabled = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled:
-            self._estimate(x)
-        return x
 
 
 __all__ = ["StatQATPT2EFakeQuantize", "StatQATPT2EObserver", "quantization_spec"]

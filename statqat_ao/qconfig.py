@@ -132,8 +132,8 @@ class StatQATQConfig(QConfigMapping):
     the global specs. Use :func:`get_statqat_qconfig` to build one.
 
     As a torch.ao ``QConfigMapping`` it plugs into
-    ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` (with
-    :func:`statqat_ao.torch_ao.get_statqat_backend_config`).
+    ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` with torch's default
+    BackendConfig (see :func:`statqat_ao.torch_ao.carrier`).
     """
 
     def __init__(self, weight: QuantSpec | None, activation: QuantSpec | None):

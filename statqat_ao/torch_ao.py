@@ -84,6 +84,15 @@ class _TorchAOQuantizerMixin:
         return self.scale.reshape(-1), self.zero_point.reshape(-1) + self._zp_offset
 
 
+class _ObserveOnlyMixin:
+    """Observers: estimate on every forward while observing, return the input unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled:
+            self._estimate(x)
+        return x
+
+
 class StatQATFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantizeBase):
     """A torch.ao fake-quantize module with a StatQAT scale.
 
@@ -115,7 +124,7 @@ class StatQATFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantizeBas
             self.to(device)
 
 
-class StatQATObserver(_TorchAOQuantizerMixin, FakeQuantizer, ObserverBase):
+class StatQATObserver(_ObserveOnlyMixin, _TorchAOQuantizerMixin, FakeQuantizer, ObserverBase):
     """A torch.ao observer (post-training calibration) with a StatQAT scale.
 
     Estimates on every forward while observing and returns its input unchanged.
@@ -131,11 +140,6 @@ class StatQATObserver(_TorchAOQuantizerMixin, FakeQuantizer, ObserverBase):
         FakeQuantizer.__init__(self, fmt, method, granularity, axis, symmetric)
         self._init_torch_ao(is_activation)
         self.fake_quant_enabled = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled:
-            self._estimate(x)
-        return x
 
 
 def torch_ao_qconfig(weight, activation) -> QConfig | None:

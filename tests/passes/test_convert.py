@@ -55,16 +55,20 @@ def test_convert_replaces_float_weights_by_codes_and_folds_batchnorm():
     assert sq.codes.quantize in ops and sq.codes.dequantize in ops
 
 
-def test_transformer_block_converts_exactly():
-    torch.manual_seed(0)
-    x = torch.randn(4, 16, 64)
-    qat = sq.prepare_qat_fx(TransformerBlock(dim=64), sq.statqat_qconfig, (x,))
-    opt = torch.optim.Adam(qat.parameters(), 1e-3)
-    for _ in range(3):
+def _shrink_output(qat, x, opt, steps=3):
+    """A few QAT steps on a simple objective (mean square of the output)."""
+    for _ in range(steps):
         loss = qat(x).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def test_transformer_block_converts_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 64)
+    qat = sq.prepare_qat_fx(TransformerBlock(dim=64), sq.statqat_qconfig, (x,))
+    _shrink_output(qat, x, torch.optim.Adam(qat.parameters(), 1e-3))
     converted = sq.convert(qat)
     qat.eval()
     assert same_bits(converted(x), qat(x))
@@ -144,12 +148,7 @@ def test_conv1d_with_batchnorm1d_folds_trains_and_converts_exactly():
     x = torch.randn(32, 4, 12)
     qat = sq.prepare_qat_fx(Conv1dNet(), sq.statqat_qconfig, (x,))
     assert "conv.weight_fake_quant" in dict(qat.named_modules())
-    opt = torch.optim.SGD(qat.parameters(), lr=0.1)
-    for _ in range(3):
-        loss = qat(x).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _shrink_output(qat, x, torch.optim.SGD(qat.parameters(), lr=0.1))
     converted = sq.convert(qat)
     assert same_bits(converted(x), qat.eval()(x))
 
