@@ -51,7 +51,6 @@ _UNSUPPORTED_FUNCTIONS = {
 }
 
 WEIGHTED_KINDS = ("linear", "conv1d", "conv2d")
-SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Modules with parameters that need no quantizer of their own (normalisation).
 _FLOAT_BY_DESIGN = (
     nn.modules.batchnorm._NormBase,
@@ -68,12 +67,8 @@ def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
         return _FUNCTION_KINDS.get(node.target)
     if node.op == "call_method" and node.target in ("add", "matmul"):
         return node.target
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if type(mod) in (nn.Linear,):
-            return "linear"
-        if type(mod) in (nn.Conv1d, nn.Conv2d):
-            return "conv1d" if isinstance(mod, nn.Conv1d) else "conv2d"
+    # Linear / Conv modules the pass can quantize were made functional (functionalize.py);
+    # one still called as a module (e.g. a non-zero padding mode) is unsupported.
     return None
 
 
@@ -141,14 +136,15 @@ def is_float_activation(node, allow_inputs: bool = True) -> bool:
     return True
 
 
-def enclosing_module(node: fx.Node) -> tuple[str, type | None]:
-    """The qualified name and type of the innermost module that produced ``node`` ("" if none)."""
+def enclosing_module(node: fx.Node) -> tuple[str, type | str | None]:
+    """The qualified name and type of the innermost module that produced ``node`` ("" if none).
+
+    torch.export records the type as its qualified class name (a string).
+    """
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return "", None
     path, module_type = list(stack.values())[-1]
-    if isinstance(module_type, str):  # torch.export records the qualified class name
-        module_type = None
     # torch.export writes paths like "L['self'].encoder.layer[0]"; fx writes "encoder.layer.0".
     return _clean_path(path), module_type
 

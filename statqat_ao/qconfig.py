@@ -172,10 +172,11 @@ class StatQATQConfig(QConfigMapping):
     def _resolve_overrides(self, weight, activation) -> ModuleQConfig:
         return ModuleQConfig(_spec(weight, self.weight, "weight"), _spec(activation, self.activation, "activation"))
 
-    def for_module(self, name: str, module: nn.Module | type | None) -> ModuleQConfig | None:
+    def for_module(self, name: str, module: nn.Module | type | str | None) -> ModuleQConfig | None:
         """The specs for the module called ``name`` (None: keep it float).
 
-        ``module``: the module or its type (type overrides match either), or None.
+        ``module``: the module, its type, or its qualified type name as torch.export
+        records it (``"torch.nn.modules.linear.Linear"``: matches that exact type), or None.
         """
         if any(fnmatch.fnmatchcase(name, p) for p in self.skipped):
             return None
@@ -183,9 +184,8 @@ class StatQATQConfig(QConfigMapping):
             if fnmatch.fnmatchcase(name, pattern):
                 return cfg
         if module is not None:
-            cls = module if isinstance(module, type) else type(module)
             for module_type, cfg in reversed(self.type_overrides):
-                if issubclass(cls, module_type):
+                if _is_of_type(module, module_type):
                     return cfg
         return ModuleQConfig(self.weight, self.activation)
 
@@ -211,6 +211,12 @@ class StatQATQConfig(QConfigMapping):
             f"StatQATQConfig(weight={self.weight}, activation={self.activation}, "
             f"overrides={len(self.name_overrides) + len(self.type_overrides)}, skip={self.skipped})"
         )
+
+
+def _is_of_type(module: nn.Module | type | str, module_type: type) -> bool:
+    if isinstance(module, str):
+        return module == f"{module_type.__module__}.{module_type.__qualname__}"
+    return issubclass(module if isinstance(module, type) else type(module), module_type)
 
 
 def get_statqat_qconfig(

@@ -201,3 +201,26 @@ def test_export_path_warns_that_conv_batchnorm_is_not_folded():
         warnings.simplefilter("always")
         sq.prepare_qat_fx(ExportOnlyConvBn(), sq.statqat_qconfig, (torch.randn(2, 1, 8, 8),))
     assert any("bn (BatchNorm after a conv, not folded" in str(w.message) for w in caught)
+
+
+def test_conv_with_a_padding_mode_the_pass_cannot_quantize_is_listed_not_silently_float():
+    class Reflect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect")
+            self.fc = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).flatten(1))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qat = sq.prepare_qat_fx(Reflect(), sq.statqat_qconfig, (torch.randn(2, 1, 8, 8),))
+    assert any("conv (Conv2d)" in str(w.message) for w in caught)
+    assert "fc.weight_fake_quant" in _fq_paths(qat)
+
+
+def test_type_overrides_apply_on_the_export_path():
+    qc = sq.statqat_qconfig.override_type(nn.Linear, weight="int8")
+    qat = sq.prepare_qat_fx(MaskedLookup(), qc, (torch.randn(4, 8),))  # fx cannot trace it
+    assert qat.fc.weight_fake_quant.fmt.name == "int8"
