@@ -1,0 +1,73 @@
+"""Models the backends were not written against, QAT-trained for a few steps on real digits.
+
+* :class:`SmallCNN`: conv-bn-relu, max-pool, a second conv with bias, a linear head.
+* :class:`DigitsTransformer`: each image row is a token (8 tokens of 8 pixels), a
+  linear embedding, statqat_ao's :class:`TransformerBlock`, mean pooling, a linear head.
+
+``converted(model, qconfig)`` prepares, trains 6 steps and converts; it returns the
+converted model and a test batch of real digits to lower and run with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import statqat_ao as sq
+from statqat_ao.models import TransformerBlock, load_digits_split
+
+_DIGITS = None
+
+
+def digits():
+    global _DIGITS
+    if _DIGITS is None:
+        _DIGITS = load_digits_split()
+    return _DIGITS
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
+        y = torch.relu(self.conv2(y))
+        return self.head(y.flatten(1))
+
+
+class DigitsTransformer(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.block = TransformerBlock(dim, heads, mlp_ratio=2)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        tokens = self.embed(x.reshape(x.shape[0], 8, 8))
+        return self.head(self.block(tokens).mean(1))
+
+
+MODELS = {"cnn": SmallCNN, "transformer": DigitsTransformer}
+
+
+def converted(model_name: str, qconfig, steps: int = 6, batch: int = 64, seed: int = 0):
+    """``(converted_model, x_test)``: prepare, ``steps`` Adam QAT steps on digits, convert."""
+    torch.manual_seed(seed)
+    x, y, x_test, _ = digits()
+    model = MODELS[model_name]()
+    qat = sq.prepare_qat_fx(model, qconfig, (x[:batch],))
+    opt = torch.optim.Adam(qat.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    qat.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (batch,), generator=g)
+        loss = nn.functional.cross_entropy(qat(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return sq.convert(qat), x_test[:32].clone()
