@@ -1,0 +1,198 @@
+"""Lower a converted model's Linear weights to torchao tensor subclasses.
+
+Each Linear whose weight convert stored as codes gets a torchao tensor built from those
+codes and scales (see :mod:`statqat_ao.backends.torchao_tensors` for which type each
+format becomes); ``F.linear`` then dispatches to torchao's kernels. Convolution weights
+and the activation quantize / dequantize ops stay as convert wrote them.
+
+Checks, in order:
+
+1. before any work, every Linear weight's format must be one torchao can hold;
+2. each torchao weight must dequantize to exactly the converted weight (torchao's own
+   ``dequantize``; for the packed INT4 kernel, the kernel applied to an identity);
+   a packed INT4 layer that is not exact is stored unpacked instead, other mismatches raise;
+3. with ``example_inputs``, the lowered model's output must match the converted model's
+   up to float accumulation order.
+
+Example:
+    >>> import torch, statqat_ao as sq
+    >>> from statqat_ao.backends.torchao import lower
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    >>> x = torch.randn(4, 64)
+    >>> qc = sq.get_statqat_qconfig("int4", "int8", weight_granularity=32)
+    >>> q = sq.convert(sq.prepare_qat_fx(model, qc, (x,)))
+    >>> lowered = lower(q, (x,))
+    >>> [(w.path, w.tensor_type) for w in lowered.lowered_weights]
+    [('0.weight', 'Int4OpaqueTensor'), ('2.weight', 'Int4OpaqueTensor')]
+    >>> torch.allclose(lowered(x), q(x), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from statqat_ao.codes import dequantize
+from statqat_ao.quantized import QuantizedParams
+
+from . import torchao_tensors as tt
+from .parity import ParityError, as_tuple, check_formats, check_parity
+
+LINEAR_TARGETS = (torch._C._nn.linear, nn.functional.linear, torch.ops.aten.linear.default)
+SUPPORTED = (
+    "Linear weights in int2-int8 (signed or unsigned, per tensor, per channel or per group), "
+    "nvfp4 and mxfp4; convolution weights and activations in any format stay as convert wrote them"
+)
+
+
+@dataclass(frozen=True)
+class LoweredWeight:
+    """One Linear weight after lowering: where it lives, what holds it and its size."""
+
+    path: str
+    fmt: str
+    tensor_type: str
+    float_bytes: int  # the trained weight in its float dtype
+    stored_bytes: int  # codes + scales + zero points in the torchao tensor
+
+
+def lower(
+    model: fx.GraphModule,
+    example_inputs: Sequence | torch.Tensor | None = None,
+    *,
+    pack_int4: bool = True,
+    tolerance: float = 1e-3,
+    inplace: bool = False,
+) -> fx.GraphModule:
+    """Give a converted model's Linear weights torchao tensor types (codes and scales kept).
+
+    Args:
+        model: the GraphModule :func:`statqat_ao.convert` returned.
+        example_inputs: inputs to check the lowered model's output against ``model``'s.
+            Without them, only the weights are checked (exactly).
+        pack_int4: INT4 weights with groups of 32, 64 or 128 (or per channel with rows
+            they divide) and a multiple of 16 output features use the packed CPU
+            kernel (``Int4OpaqueTensor``); other INT weights ``IntxUnpackedToInt8Tensor``
+            (symmetric INT8 per channel: ``Int8Tensor``).
+        tolerance: largest output error relative to the output's magnitude.
+        inplace: lower ``model`` itself instead of a copy.
+
+    Returns:
+        The lowered GraphModule; ``.lowered_weights`` lists each :class:`LoweredWeight`.
+
+    Raises:
+        UnsupportedModelError: a Linear weight's format torchao cannot hold (before any work).
+        ParityError: a torchao weight or the output differs from the converted model.
+    """
+    reads = _linear_weight_reads(model)
+    linear_paths = {path for _, _, path in reads}
+    check_formats(model, "torchao", lambda path, p: _unsupported(p) if path in linear_paths else None, SUPPORTED)
+    gm = model if inplace else copy.deepcopy(model)
+    lowered = [_lower_one(gm, deq_node, path, pack_int4) for _, deq_node, path in _linear_weight_reads(gm)]
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.lowered_weights = lowered
+    if example_inputs is not None:
+        args = as_tuple(example_inputs)
+        with torch.no_grad():
+            check_parity(model(*args), gm(*args), backend="torchao", tolerance=tolerance)
+    return gm
+
+
+def _linear_weight_reads(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, str]]:
+    """``(linear node, weight dequantize node, QuantizedParams path)`` of each Linear."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+            continue
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(w, fx.Node) and w.op == "call_function" and w.target is dequantize and w.args[0].op == "get_attr":
+            found.append((node, w, w.args[0].target.rpartition(".")[0]))
+    return found
+
+
+def _unsupported(p: QuantizedParams) -> str | None:
+    f = p.fmt
+    if p.codes is None or p.codes.dim() != 2:
+        return "not a 2-D weight with codes"
+    if f.family == "int" or f.name in ("nvfp4", "mxfp4"):
+        return None
+    return "torchao has no tensor type for these codes with our scales"
+
+
+def _builders(p: QuantizedParams, pack_int4: bool):
+    f, g = p.fmt, p.granularity
+    if f.name == "nvfp4":
+        return [tt.nvfp4_tensor]
+    if f.name == "mxfp4":
+        return [tt.mxfp4_tensor]
+    if pack_int4 and tt.int4_packed_group(p) is not None:
+        return [tt.int4_packed_tensor, tt.intx_tensor]  # packed where exact, else unpacked
+    if f.bits == 8 and f.signed and g in ("channel", "tensor") and not bool(p.zero_point.any()):
+        return [tt.int8_tensor]
+    return [tt.intx_tensor]
+
+
+def _dequantized(t: torch.Tensor, p: QuantizedParams) -> torch.Tensor:
+    if type(t).__name__ == "Int4OpaqueTensor":  # no dequantize op: run the kernel on an identity
+        k = p.codes.shape[1]
+        return nn.functional.linear(torch.eye(k, dtype=p.dtype), t).t()
+    return t.dequantize(p.dtype) if type(t).__name__ in ("NVFP4Tensor", "MXTensor") else t.dequantize()
+
+
+def _build_exact(p: QuantizedParams, path: str, pack_int4: bool) -> torch.Tensor:
+    expected = p.dequantize()
+    for i, build in enumerate(candidates := _builders(p, pack_int4)):
+        try:
+            t = build(p)
+            got = _dequantized(t, p)
+        except (RuntimeError, ValueError, AssertionError) as err:
+            reason = f"{type(err).__name__}: {err}"
+        else:
+            if torch.equal(got, expected):
+                return t
+            reason = f"max |difference| {float((got.float() - expected.float()).abs().max()):.3g}"
+        if i + 1 < len(candidates):
+            warnings.warn(f"{path}: {build.__name__} failed or is inexact ({reason}); using {candidates[i + 1].__name__}", stacklevel=3)
+    raise ParityError(f"torchao weight for {path} ({p.fmt.name}) does not dequantize to the converted weight: {reason}")
+
+
+def _lower_one(gm: fx.GraphModule, deq_node: fx.Node, path: str, pack_int4: bool) -> LoweredWeight:
+    p: QuantizedParams = gm.get_submodule(path)
+    weight = _build_exact(p, path, pack_int4)
+    owner_path, _, leaf = path.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    name = leaf.removesuffix("_quant")
+    while hasattr(owner, name):
+        name += "_torchao"
+    owner.register_parameter(name, nn.Parameter(weight, requires_grad=False))
+    target = f"{owner_path}.{name}" if owner_path else name
+    with gm.graph.inserting_before(deq_node):
+        new = gm.graph.get_attr(target)
+        if type(weight).__name__ == "MXTensor":  # emulated: torchao has no weight-only MX linear
+            new = gm.graph.call_method("dequantize", (new, p.dtype))
+    deq_node.replace_all_uses_with(new)
+    gm.graph.erase_node(deq_node)
+    float_bytes = p.codes.numel() * torch.empty((), dtype=p.dtype).element_size()
+    return LoweredWeight(target, p.fmt.name, type(weight).__name__, float_bytes, tt.stored_bytes(weight))
+
+
+def weight_bytes(lowered: fx.GraphModule) -> tuple[int, int]:
+    """``(float bytes, stored bytes)`` summed over the lowered Linear weights.
+
+    Example:
+        >>> weight_bytes(type("M", (), {"lowered_weights": [LoweredWeight("fc.weight", "int4", "T", 4096, 640)]})())
+        (4096, 640)
+    """
+    return sum(w.float_bytes for w in lowered.lowered_weights), sum(w.stored_bytes for w in lowered.lowered_weights)
+
+
+__all__ = ["LoweredWeight", "lower", "weight_bytes", "QuantizedParams"]
