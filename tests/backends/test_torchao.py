@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 from helpers import converted
-
-import statqat_ao as sq
 from statqat_ao.backends import torchao as ao_backend
 from statqat_ao.backends import torchao_tensors as tt
 from statqat_ao.backends.parity import ParityError, UnsupportedModelError
+
+import statqat_ao as sq
 
 SKIP_CONV = ["conv1", "conv2", "embed"]  # 9- and 144-element conv rows, the 8-wide embedding
 CASES = {
