@@ -30,6 +30,7 @@ from statqat_ao.quantized import QuantizedParams
 from .constants import constant_value, is_constant
 from .fold_bn import FoldedBatchNorm
 from .functionalize import functionalize_weighted_modules
+from .trace import drop_string_annotations
 
 
 class ConvertError(RuntimeError):
@@ -114,7 +115,7 @@ def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     graph.eliminate_dead_code()
     _drop_unused_parameters(gm)
     graph.lint()
-    gm.recompile()
+    drop_string_annotations(gm)
     gm.delete_all_unused_submodules()
     return gm
 
@@ -148,16 +149,22 @@ def _replace_calls(gm, node, path) -> None:
         return _replace_activation_calls(gm, node, path, params.fmt.name)
     with gm.graph.inserting_before(node):
         args = [gm.graph.get_attr(f"{path}.{n}") for n in ("codes", "scale", "zero_point")]
-        new = gm.graph.call_function(dequantize, (*args, params.fmt.name, params.dtype))
+        new = _leaf(gm.graph.call_function(dequantize, (*args, params.fmt.name, params.dtype)))
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return None
 
 
+def _leaf(node: fx.Node) -> fx.Node:
+    # Kept as this call (not its op's decomposition) when fx re-traces the code: unpickling.
+    node.meta["is_wrapped"] = True
+    return node
+
+
 def _qdq(gm, x, path, fmt_name):
     scale, zp = (gm.graph.get_attr(f"{path}.{n}") for n in ("scale", "zero_point"))
-    codes = gm.graph.call_function(quantize, (x, scale, zp, fmt_name))
-    values = gm.graph.call_function(dequantize, (codes, scale, zp, fmt_name))
+    codes = _leaf(gm.graph.call_function(quantize, (x, scale, zp, fmt_name)))
+    values = _leaf(gm.graph.call_function(dequantize, (codes, scale, zp, fmt_name)))
     return gm.graph.call_method("type_as", (values, x))
 
 

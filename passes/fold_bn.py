@@ -106,6 +106,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
             var = gm.graph.get_attr(f"{node.target}.running_var")
             gamma = gm.graph.get_attr(f"{node.target}.weight") if bn.affine else None
             scaled = gm.graph.call_function(fold_scale, (weight, var, gamma, bn.eps))
+            scaled.meta["is_wrapped"] = True  # a leaf when fx re-traces the code (unpickling)
         conv.args = (conv.args[0], scaled, None, *conv.args[3:])
         parent, _, leaf = node.target.rpartition(".")
         folded_bn = FoldedBatchNorm(bn)

@@ -68,7 +68,7 @@ def trace(
     fx_error: BaseException | None = None
     if method in ("auto", "fx") and not isinstance(model, fx.GraphModule):
         try:
-            return fx.symbolic_trace(model), "fx"
+            return drop_string_annotations(fx.symbolic_trace(model)), "fx"
         except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
             fx_error = exc
             if method == "fx":
@@ -106,6 +106,19 @@ def trace(
     gm = ep.module()
     _dropout_as_modules(gm)
     return gm, "export"
+
+
+def drop_string_annotations(gm: fx.GraphModule) -> fx.GraphModule:
+    """Forget input/output annotations that are strings (``from __future__ import annotations``).
+
+    fx keeps them as names its generated code cannot import, which makes the module
+    impossible to pickle (``torch.save(model)``).
+    """
+    for node in gm.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    gm.recompile()
+    return gm
 
 
 def _dropout_as_modules(gm: fx.GraphModule) -> None:

@@ -135,3 +135,20 @@ def test_loaded_uninitialised_quantizer_stays_uninitialised():
     other.load_state_dict(torch.load(_save(qat.state_dict()), weights_only=True))
     assert not other.fc1.input_fake_quant.is_initialized
     assert other.fc1.weight_fake_quant.is_initialized
+
+
+def test_prepared_models_pickle_whole_with_future_annotations():
+    # models.py uses `from __future__ import annotations`: fx keeps those annotations as
+    # strings its generated code cannot import, and the BN fold must stay one call when
+    # fx re-traces the code on load. (Converted models: statqat_ao.saved_model, because
+    # fx's re-trace folds the weight dequantize of constant codes into a float constant.)
+    x = digits()[2][:16]
+    prepared = sq.prepare_qat_fx(DigitsCNN(), sq.statqat_qconfig, (digits()[0][:64],))
+    for model in (prepared,):
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        targets = [n.target for n in loaded.graph.nodes if n.op == "call_function"]
+        assert targets == [n.target for n in model.graph.nodes if n.op == "call_function"]
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
