@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import converted
+from backend_models import converted
 from statqat_ao.backends import torchao as ao_backend
 from statqat_ao.backends import torchao_tensors as tt
 from statqat_ao.backends.parity import ParityError, UnsupportedModelError
@@ -77,12 +77,15 @@ def test_packed_int4_is_the_kernels_layout_and_falls_back_where_the_kernel_canno
     assert s < 0.27 * f
 
 
-def test_nvfp4_scales_split_into_e4m3_times_a_tensor_scale():
-    w = torch.randn(32, 64) * 3
-    scale, _ = sq.estimate_qparams(w, "nvfp4", granularity=16)
-    e4m3, ts = tt.nvfp4_scales(scale)
-    assert e4m3.dtype == torch.float8_e4m3fn
-    assert torch.equal(ts * e4m3.float(), scale)
+@pytest.mark.parametrize("method", ["analytic", "iterative", "minmax", "mse"])
+def test_nvfp4_scales_split_into_e4m3_times_a_tensor_scale(method):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        w = torch.randn(16, 64, generator=g) * torch.rand(16, 1, generator=g) * 10
+        scale, _ = sq.estimate_qparams(w, "nvfp4", method=method, granularity=16)
+        e4m3, ts = tt.nvfp4_scales(scale)
+        assert e4m3.dtype == torch.float8_e4m3fn and ts.dtype == torch.float32
+        assert torch.equal(ts * e4m3.float(), scale)
     with pytest.raises(ValueError, match="not an FP32 tensor scale"):
         tt.nvfp4_scales(torch.tensor([[1.0, 1.0 + 2**-20]]))
 
@@ -129,4 +132,10 @@ def test_an_output_mismatch_raises_with_the_error_and_where(monkeypatch):
     monkeypatch.setattr(tt, "intx_tensor", scaled)
     monkeypatch.setattr(ao_backend, "_dequantized", lambda t, p: p.dequantize())  # let the weights through
     with pytest.raises(ParityError, match=r"torchao output differs .* max abs error .* at index"):
+        ao_backend.lower(q, (x,))
+
+
+def test_a_model_without_quantized_linear_weights_is_refused():
+    q, x = converted("cnn", sq.get_statqat_qconfig("int8", "int8", skip=["head"]))
+    with pytest.raises(UnsupportedModelError, match="nothing to lower"):
         ao_backend.lower(q, (x,))

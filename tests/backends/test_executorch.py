@@ -1,0 +1,127 @@
+"""ExecuTorch backend: lower QAT-trained models through XNNPACK, run the .pte with the real
+ExecuTorch runtime and compare with the converted model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from backend_models import converted
+from statqat_ao.backends import executorch as et
+from statqat_ao.backends.parity import ParityError, UnsupportedModelError, check_parity
+
+import statqat_ao as sq
+
+QCONFIGS = {
+    "w8a8": lambda model: sq.get_statqat_qconfig("int8", "int8"),
+    "w8a8_uint8": lambda model: sq.get_statqat_qconfig("int8", "uint8", activation_symmetric=False),
+    # group 32: the CNN's convs (9- and 144-element rows) and the transformer's 8-wide embedding stay float
+    "8da4w": lambda model: sq.get_statqat_qconfig(
+        "int4", None, weight_granularity=32, skip=["embed"] if model == "transformer" else ["conv1", "conv2"]
+    ),
+}
+EXPECTED_GEMMS = {
+    ("cnn", "w8a8"): {"int8_gemms": 2, "fp32_gemms": 1},
+    ("cnn", "w8a8_uint8"): {"int8_gemms": 2, "fp32_gemms": 1},
+    ("transformer", "w8a8"): {"int8_gemms": 2, "fp32_gemms": 4},
+    ("cnn", "8da4w"): {"dynamic_gemms": 1},
+    ("transformer", "8da4w"): {"dynamic_gemms": 5},
+}
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``get(model, mode) -> (converted, x, report)``, each exported once per module."""
+
+    def get(model: str, mode: str):
+        if (model, mode) not in _CACHE:
+            q, x = converted(model, QCONFIGS[mode](model))
+            path = tmp_path_factory.mktemp("pte") / f"{model}_{mode}.pte"
+            activations = "dynamic_int8" if mode == "8da4w" else None
+            _CACHE[model, mode] = (q, x, et.export(q, (x,), path, activations=activations))
+        return _CACHE[model, mode]
+
+    return get
+
+
+@pytest.mark.parametrize("model, mode", list(EXPECTED_GEMMS))
+def test_export_runs_in_executorch_with_parity(exported, model, mode):
+    q, x, report = exported(model, mode)
+    tolerance = et.DYNAMIC_TOLERANCE if mode == "8da4w" else et.STATIC_TOLERANCE
+    assert report.path.stat().st_size == report.file_bytes > 0
+    with torch.no_grad():
+        reference = q(x)
+    error = check_parity(reference, et.run(report.path, x), backend="executorch", tolerance=tolerance)
+    assert error == pytest.approx(report.max_error) and 0 < error <= tolerance
+    # the quantized GEMMs and every quantize / dequantize went into XNNPACK
+    assert report.gemms == EXPECTED_GEMMS[model, mode]
+    assert report.delegated_nodes > 0
+    assert not [op for op in report.outside_delegate if "quantized_decomposed" in op]
+
+
+def test_load_program_runs_repeatedly(exported):
+    q, x, report = exported("cnn", "w8a8")
+    forward = et.load_program(report.path)
+    first, second = forward(x)[0], forward(x)[0]
+    assert torch.equal(first, second) and first.shape == q(x).shape
+
+
+def test_parity_check_catches_a_tampered_scale(exported):
+    q, x, report = exported("cnn", "w8a8")
+    tampered = copy.deepcopy(q)
+    tampered.get_submodule("head.weight_quant").scale.mul_(1.1)
+    with torch.no_grad():
+        reference = tampered(x)
+    with pytest.raises(ParityError, match="max abs error .* relative error"):
+        check_parity(reference, et.run(report.path, x), backend="executorch", tolerance=et.STATIC_TOLERANCE)
+
+
+def _small(qconfig, conv: bool = False):
+    torch.manual_seed(0)
+    if conv:
+        model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 4))
+        x = torch.randn(2, 4, 4, 4)
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        x = torch.randn(8, 64)
+    return sq.convert(sq.prepare_qat_fx(model, qconfig, (x,))), x
+
+
+def test_export_raises_when_outputs_differ(tmp_path):
+    q, x = _small(sq.get_statqat_qconfig("int8", "int8"))
+    with pytest.raises(ParityError, match="differs from the converted model"):
+        et.export(q, (x,), tmp_path / "m.pte", tolerance=1e-9)
+    assert not list(tmp_path.iterdir())
+
+
+def test_int4_weight_only_without_opt_in_names_the_alternative(tmp_path):
+    q, x = _small(sq.get_statqat_qconfig("int4", None, weight_granularity=32))
+    with pytest.raises(UnsupportedModelError, match="activations='dynamic_int8'.*8da4w"):
+        et.export(q, (x,), tmp_path / "w4.pte")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "qconfig, activations, match",
+    [
+        (sq.get_statqat_qconfig("nvfp4", "int8"), None, "not an INT format"),
+        (sq.get_statqat_qconfig("int4", "int4"), None, "activations must be int8 or uint8"),
+        (sq.get_statqat_qconfig("int4", "int8", weight_granularity=32), None, "group weights need dynamic"),
+        (sq.get_statqat_qconfig("int8", "int8"), "dynamic_int8", "for weight-only models"),
+        (sq.get_statqat_qconfig("int4", None, weight_symmetric=False), "dynamic_int8", "zero point 0"),
+    ],
+)
+def test_unsupported_formats_fail_before_any_work(tmp_path, qconfig, activations, match):
+    q, x = _small(qconfig)
+    with pytest.raises(UnsupportedModelError, match=match) as info:
+        et.export(q, (x,), tmp_path / "m.pte", activations=activations)
+    assert "It supports" in str(info.value) or "activations" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_8da4w_refuses_group_quantized_convs(tmp_path):
+    q, x = _small(sq.get_statqat_qconfig("int4", None, weight_granularity=4), conv=True)
+    with pytest.raises(UnsupportedModelError, match="Linear weights only"):
+        et.export(q, (x,), tmp_path / "m.pte", activations="dynamic_int8")
