@@ -42,7 +42,7 @@ from statqat_ao.codes import dequantize
 from statqat_ao.quantized import QuantizedParams
 
 from . import torchao_tensors as tt
-from .parity import ParityError, as_tuple, check_formats, check_parity
+from .parity import ParityError, UnsupportedModelError, as_tuple, check_formats, check_parity
 
 LINEAR_TARGETS = (torch._C._nn.linear, nn.functional.linear, torch.ops.aten.linear.default)
 SUPPORTED = (
@@ -93,6 +93,13 @@ def lower(
     reads = _linear_weight_reads(model)
     linear_paths = {path for _, _, path in reads}
     check_formats(model, "torchao", lambda path, p: _unsupported(p) if path in linear_paths else None, SUPPORTED)
+    if not reads:
+        raise UnsupportedModelError(
+            "no Linear reads its weight from codes (statqat_ao.codes.dequantize on a QuantizedParams): "
+            "nothing to lower. Quantize the Linear weights in the qconfig; a converted model reloaded with "
+            "torch.load(whole module) has its weights folded to floats, save it with "
+            "statqat_ao.saved_model.save_converted instead"
+        )
     gm = model if inplace else copy.deepcopy(model)
     lowered = [_lower_one(gm, deq_node, path, pack_int4) for _, deq_node, path in _linear_weight_reads(gm)]
     gm.graph.eliminate_dead_code()

@@ -124,8 +124,9 @@ def nvfp4_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split NVFP4 effective block scales into ``(e4m3 block scales, fp32 tensor scale)``.
 
     convert stores ``fl(tensor_scale * e4m3)``; the tensor scale itself is not kept. It is
-    recovered as ``max(scale) / v`` for the E4M3 value ``v`` that the largest block used,
-    trying every candidate, and accepted only when it reproduces every scale exactly.
+    recovered from the largest block scale: for each E4M3 value ``v`` that block may have
+    used, the float32 numbers within a few ulps of ``max(scale) / v`` are tried, and one
+    is accepted only when it reproduces every block scale exactly.
 
     Raises:
         ValueError: no tensor scale reproduces these scales (they were not NVFP4's).
@@ -133,11 +134,21 @@ def nvfp4_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = scale.float()
     top = s.max()
     for v in reversed(_E4M3_POSITIVE.tolist()):
-        ts = top / v
-        e4m3 = (s / ts).to(torch.float8_e4m3fn)
-        if torch.equal(ts * e4m3.float(), s):
-            return e4m3, ts
+        base = top / v
+        for ts in _nearby_floats(base, 4):
+            e4m3 = (s / ts).to(torch.float8_e4m3fn)
+            if torch.equal(ts * e4m3.float(), s):
+                return e4m3, ts
     raise ValueError("these block scales are not an FP32 tensor scale times E4M3 values")
+
+
+def _nearby_floats(x: torch.Tensor, ulps: int) -> list[torch.Tensor]:
+    """``x`` and the float32 numbers up to ``ulps`` steps either side, nearest first."""
+    out, up, down = [x], x, x
+    for _ in range(ulps):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(0.0))
+        out += [up, down]
+    return out
 
 
 def nvfp4_tensor(p: QuantizedParams):

@@ -3,6 +3,7 @@
 Example:
     $ statqat formats          # every format: levels, max value, Gaussian c_opt and SNR
     $ statqat demo             # the main job (arrives with the main-job issue)
+    $ statqat export statqat_ao.examples:digits_cnn_w8a8 --to onnx --out digits.onnx
 """
 
 from __future__ import annotations
@@ -34,11 +35,66 @@ def _demo(_: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .backends.parity import ParityError, UnsupportedModelError
+    from .saved_model import load_model
+
+    model, inputs = load_model(args.model)
+    if any(type(m).__name__.endswith("FakeQuantize") or type(m).__name__ == "FakeQuantizer" for m in model.modules()):
+        from .passes import convert
+
+        print("the model is QAT-prepared: converting it first (statqat_ao.convert)")
+        model = convert(model)
+    options = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    try:
+        if args.to == "torchao":
+            from .backends.torchao import lower, weight_bytes
+
+            lowered = lower(model, inputs, **options)
+            torch.save(lowered, args.out)
+            before, after = weight_bytes(lowered)
+            print(
+                f"torchao: wrote {args.out}; Linear weights {before / 1024:.1f} KiB -> {after / 1024:.1f} KiB "
+                f"({after / max(before, 1):.3f}x): "
+                + ", ".join(f"{w.path} {w.tensor_type}" for w in lowered.lowered_weights)
+            )
+        elif args.to == "onnx":
+            from .backends.onnx import export
+
+            print(export(model, inputs, args.out, fp4_form=args.fp4_form, **options))
+        else:
+            from .backends.executorch import export
+
+            activations = None if args.activations == "static" else args.activations
+            print(export(model, inputs, args.out, activations=activations, **options))
+    except (UnsupportedModelError, ParityError) as err:
+        print(f"statqat export: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="statqat", description="StatQAT: statistically optimal QAT for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("formats", help="list the formats with their Gaussian-optimal clip and SNR").set_defaults(func=_formats)
     sub.add_parser("demo", help="the main job on sklearn's digits").set_defaults(func=_demo)
+    export = sub.add_parser(
+        "export",
+        help="lower a converted model to torchao tensors, ONNX or ExecuTorch, checked against it",
+        description="MODEL is a file from statqat_ao.saved_model.save_converted, or package.module:function "
+        "returning (converted_model, example_inputs), e.g. statqat_ao.examples:digits_cnn_w8a8.",
+    )
+    export.add_argument("model", metavar="MODEL")
+    export.add_argument("--to", required=True, choices=["torchao", "onnx", "executorch"])
+    export.add_argument("--out", required=True, help="file to write (.pt, .onnx or .pte)")
+    export.add_argument("--fp4-form", default="ort", choices=["ort", "standard"], help="ONNX: how E2M1 weights are stored")
+    export.add_argument(
+        "--activations", default="static", choices=["static", "dynamic_int8"], help="ExecuTorch: dynamic_int8 for 8da4w"
+    )
+    export.add_argument("--tolerance", type=float, default=None, help="parity tolerance (relative to the output's peak)")
+    export.set_defaults(func=_export)
     return parser
 
 
