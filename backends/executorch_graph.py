@@ -128,6 +128,10 @@ def _static_op(gm, node) -> tuple:
 def _weight_dq(gm, node, grouped_ok: bool) -> tuple:
     path, p = params_of(gm, node)
     codes_node, qmin, qmax = node.args[0], int(p.fmt.qmin), int(p.fmt.qmax)
+    if p.codes.dim() > 2:
+        # XNNPACK reads a narrower range as packed 4-bit weights (qc4w), which it takes for
+        # 2-D (Linear) weights only; declaring int8's range leaves the codes and values as they are.
+        qmin, qmax = -128, 127
     g = p.granularity
     if g == "tensor":
         return _QD.dequantize_per_tensor.default, (codes_node, float(p.scale), 0, qmin, qmax, torch.int8)

@@ -125,3 +125,11 @@ def test_8da4w_refuses_group_quantized_convs(tmp_path):
     q, x = _small(sq.get_statqat_qconfig("int4", None, weight_granularity=4), conv=True)
     with pytest.raises(UnsupportedModelError, match="Linear weights only"):
         et.export(q, (x,), tmp_path / "m.pte", activations="dynamic_int8")
+
+
+def test_w4a8_convolutions_lower_as_int8_range_weights(tmp_path):
+    # 4-bit codes on a conv: XNNPACK only packs 4-bit weights for 2-D (Linear) weights.
+    q, x = converted("cnn", sq.get_statqat_qconfig("int4", "int8"))
+    report = et.export(q, (x,), tmp_path / "w4a8.pte")
+    assert report.gemms["int8_gemms"] == 2
+    check_parity(q(x), et.run(tmp_path / "w4a8.pte", (x,)), backend="test", tolerance=et.STATIC_TOLERANCE)
