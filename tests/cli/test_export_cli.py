@@ -63,3 +63,26 @@ def test_export_traced_models_cannot_be_saved_and_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="package.module:function"):
         save_converted(q, (x,), tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_export_to_onnx_and_executorch_writes_files_that_run_like_the_converted_model(tmp_path, capsys):
+    from statqat_ao.backends import executorch as et
+    from statqat_ao.backends import onnx as onnx_backend
+
+    path, q, x = _saved(tmp_path, sq.get_statqat_qconfig("int8", "int8"))
+    assert cli.main(["export", str(path), "--to", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert cli.main(["export", str(path), "--to", "executorch", "--out", str(tmp_path / "m.pte")]) == 0
+    out = capsys.readouterr().out
+    assert "onnx: wrote" in out and "executorch: wrote" in out
+    ref = q(x)
+    assert onnx_backend.verify(tmp_path / "m.onnx", q, (x,)) < 1e-3
+    assert (et.run(tmp_path / "m.pte", (x,))[0] - ref).abs().max() <= et.STATIC_TOLERANCE * ref.abs().max()
+
+
+def test_executorch_int4_weight_only_needs_dynamic_activations(tmp_path, capsys):
+    path, _, _ = _saved(tmp_path, sq.get_statqat_qconfig("int4", None, weight_granularity=32))
+    out = tmp_path / "w4.pte"
+    assert cli.main(["export", str(path), "--to", "executorch", "--out", str(out)]) == 2
+    assert "dynamic_int8" in capsys.readouterr().err and not out.exists()
+    args = ["export", str(path), "--to", "executorch", "--activations", "dynamic_int8", "--out", str(out)]
+    assert cli.main(args) == 0 and out.exists()
