@@ -311,4 +311,20 @@ def _finish(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    _drop_unread_state(gm)
     return gm
+
+
+def _drop_unread_state(gm: fx.GraphModule) -> None:
+    """Delete buffers and parameters no node reads (codes replaced by float weights, their
+    original scales): torch.export would otherwise carry them into the program."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    state = [*gm.named_buffers(), *gm.named_parameters()]
+    for path, _ in state:
+        if path in read or any(path.startswith(c + ".") for c in called):
+            continue
+        owner, _, leaf = path.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        module._buffers.pop(leaf, None)
+        module._parameters.pop(leaf, None)
