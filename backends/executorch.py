@@ -49,6 +49,7 @@ from .parity import (
     check_formats,
     check_parity,
     flat_tensors,
+    linear_weight_reads,
 )
 
 BACKEND = "executorch"
@@ -227,8 +228,7 @@ def _unsupported(model: nn.Module, path: str, p: QuantizedParams, dynamic: bool)
 
 
 def _unsupported_dynamic_weight(model: nn.Module, path: str, p: QuantizedParams) -> str | None:
-    owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
-    if not isinstance(owner, nn.Linear):
+    if path not in {read_path for _, _, read_path in linear_weight_reads(model)}:
         return "8da4w quantizes Linear weights only; skip this layer in the qconfig or export W8A8"
     g = p.granularity
     if isinstance(g, int):

@@ -41,7 +41,7 @@ from statqat_ao.quantized import QuantizedParams
 _QD = torch.ops.quantized_decomposed
 _QUANTIZE = (codes.quantize, torch.ops.statqat.quantize.default)
 _DEQUANTIZE = (codes.dequantize, torch.ops.statqat.dequantize.default)
-_LINEAR = (torch._C._nn.linear, nn.functional.linear)
+_LINEAR = (torch._C._nn.linear, nn.functional.linear, torch.ops.aten.linear.default)
 _CONV = (torch.conv1d, torch.conv2d, nn.functional.conv1d, nn.functional.conv2d)
 _FUSED_ACTS = (torch.relu, nn.functional.relu, nn.functional.relu6, nn.functional.hardtanh)
 _ADD = (operator.add, torch.add)

@@ -178,28 +178,61 @@ def _reshape_back(rw: _Rewriter, flat: str, shape: tuple[int, ...], out: str) ->
     rw.emit("Reshape", [flat, target], [out])
 
 
-def _dequantize_weight(rw: _Rewriter, node: onnx.NodeProto) -> None:
+def _dequantize_weight(rw: _Rewriter, node: onnx.NodeProto, transposed_out: str | None = None) -> None:
+    """DequantizeLinear on the stored codes. With ``transposed_out``, the weight feeds a
+    ``Transpose(perm=[1, 0])`` (a Linear as ``MatMul``): the codes, scales and zero points
+    are stored transposed and the DequantizeLinear writes the Transpose's output, the
+    ``DQ -> MatMul`` pattern onnxruntime fuses (``MatMulNBits`` for 4-bit groups)."""
     codes_name, scale_name, zp_name = node.input
     codes, scale, zp = (rw.array(n, node) for n in node.input)
     fmt, out = _fmt_of(node), node.output[0]
     layout = weight_layout(codes.shape, scale.shape)
     elem_type = weight_code_type(fmt, rw.fp4_form)
     if elem_type is None:
-        return _gather_weight(rw, node, fmt, layout)
+        _gather_weight(rw, node, fmt, layout)
+        if transposed_out is not None:  # the Transpose stays
+            rw.emit("Transpose", [out], [transposed_out], perm=[1, 0])
+        return None
     rows = codes.reshape(layout.rows, -1) if layout.kind == "group" else codes
-    base = rw.unique(codes_name.removesuffix(".codes"))
-    stored = rw.add(code_tensor(f"{base}.codes", rows, elem_type))
     shaped = {"tensor": (), "channel": (layout.rows,), "group": scale.shape}[layout.kind]
-    inputs = [stored, rw.constant(f"{base}.scale", scale.reshape(shaped).astype(np.float32))]
+    scale, zp = scale.reshape(shaped), zp.reshape(shaped)
+    axis = {"channel": 0, "group": 1}.get(layout.kind)
+    if transposed_out is not None:
+        rows, out, axis = rows.T, transposed_out, None if axis is None else 1 - axis
+        if layout.kind == "group":
+            scale, zp = scale.T, zp.T
+    base = rw.unique(codes_name.removesuffix(".codes"))
+    stored = rw.add(code_tensor(f"{base}.codes", np.ascontiguousarray(rows), elem_type))
+    inputs = [stored, rw.constant(f"{base}.scale", np.ascontiguousarray(scale).astype(np.float32))]
     if fmt.family == "int" or np.any(zp != 0):
         # INT: an explicit zero point even when 0: onnxruntime's u8 rewrite of INT8
         # weights (session.x64quantprecision) needs one per channel for a Gemm.
-        inputs.append(_typed_zero_point(rw, f"{base}.zero_point", zp.reshape(shaped), elem_type))
-    attrs = {"channel": {"axis": 0}, "group": {"axis": 1, "block_size": layout.group_size}}.get(layout.kind, {})
+        inputs.append(_typed_zero_point(rw, f"{base}.zero_point", np.ascontiguousarray(zp), elem_type))
+    attrs = {} if axis is None else {"axis": axis}
+    if layout.kind == "group":
+        attrs["block_size"] = layout.group_size
     if layout.kind == "group" and codes.ndim != 2:
         rw.emit("DequantizeLinear", inputs, [f"{out}.rows"], **attrs)
         return _reshape_back(rw, f"{out}.rows", codes.shape, out)
     return rw.emit("DequantizeLinear", inputs, [out], **attrs)
+
+
+def _transposed_weights(graph: onnx.GraphProto, arrays: dict) -> dict[str, onnx.NodeProto]:
+    """Weight dequantize outputs whose only consumer is ``Transpose(perm=[1, 0])``."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = {}
+    for n in graph.node:
+        if n.domain != DOMAIN or n.op_type != "Dequantize" or n.input[0] not in arrays or arrays[n.input[0]].ndim != 2:
+            continue
+        users = consumers.get(n.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Transpose":
+            perm = [list(a.ints) for a in users[0].attribute if a.name == "perm"]
+            if perm == [[1, 0]]:
+                found[n.output[0]] = users[0]
+    return found
 
 
 def _gather_weight(rw: _Rewriter, node: onnx.NodeProto, fmt: Format, layout: WeightLayout) -> None:
@@ -233,13 +266,18 @@ def lower_markers(model: onnx.ModelProto, fp4_form: str) -> onnx.ModelProto:
     graph = model.graph
     rw = _Rewriter(fp4_form, {t.name: numpy_helper.to_array(t) for t in graph.initializer})
     quantized = {o for n in graph.node if n.domain == DOMAIN and n.op_type == "Quantize" for o in n.output}
+    transposes = _transposed_weights(graph, rw.arrays)
+    folded = {id(t) for t in transposes.values()}
     for node in graph.node:
+        if id(node) in folded:
+            continue
         if node.domain != DOMAIN:
             rw.nodes.append(node)
         elif node.op_type == "Quantize":
             _quantize(rw, node)
         elif node.input[0] in rw.arrays:
-            _dequantize_weight(rw, node)
+            t = transposes.get(node.output[0])
+            _dequantize_weight(rw, node, None if t is None else t.output[0])
         elif node.input[0] in quantized:
             _dequantize_activation(rw, node)
         else:

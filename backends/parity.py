@@ -98,6 +98,24 @@ def _granularity_text(p: QuantizedParams) -> str:
     return f"group {g}" if isinstance(g, int) else f"per {g}"
 
 
+LINEAR_TARGETS = (torch._C._nn.linear, nn.functional.linear, torch.ops.aten.linear.default)
+
+
+def linear_weight_reads(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, str]]:
+    """``(linear node, weight dequantize node, QuantizedParams path)`` of each Linear whose
+    weight a converted model reads from codes (fx-traced or torch.export-traced graphs)."""
+    from statqat_ao.codes import dequantize
+
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+            continue
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(w, fx.Node) and w.op == "call_function" and w.target is dequantize and w.args[0].op == "get_attr":
+            found.append((node, w, w.args[0].target.rpartition(".")[0]))
+    return found
+
+
 def flat_tensors(outputs) -> list[torch.Tensor]:
     """The tensors of a (possibly nested) model output, in pytree order."""
     return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]

@@ -38,13 +38,18 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from statqat_ao.codes import dequantize
 from statqat_ao.quantized import QuantizedParams
 
 from . import torchao_tensors as tt
-from .parity import ParityError, UnsupportedModelError, as_tuple, check_formats, check_parity
+from .parity import (
+    ParityError,
+    UnsupportedModelError,
+    as_tuple,
+    check_formats,
+    check_parity,
+    linear_weight_reads,
+)
 
-LINEAR_TARGETS = (torch._C._nn.linear, nn.functional.linear, torch.ops.aten.linear.default)
 SUPPORTED = (
     "Linear weights in int2-int8 (signed or unsigned, per tensor, per channel or per group), "
     "nvfp4 and mxfp4; convolution weights and activations in any format stay as convert wrote them"
@@ -90,7 +95,7 @@ def lower(
         UnsupportedModelError: a Linear weight's format torchao cannot hold (before any work).
         ParityError: a torchao weight or the output differs from the converted model.
     """
-    reads = _linear_weight_reads(model)
+    reads = linear_weight_reads(model)
     linear_paths = {path for _, _, path in reads}
     check_formats(model, "torchao", lambda path, p: _unsupported(p) if path in linear_paths else None, SUPPORTED)
     if not reads:
@@ -101,7 +106,12 @@ def lower(
             "statqat_ao.saved_model.save_converted instead"
         )
     gm = model if inplace else copy.deepcopy(model)
-    lowered = [_lower_one(gm, deq_node, path, pack_int4) for _, deq_node, path in _linear_weight_reads(gm)]
+    lowered = []
+    for linear, deq_node, path in linear_weight_reads(gm):
+        # torch.export graphs call aten.linear, which decomposes below torchao's tensors
+        # (aten.t); F.linear is the call torchao implements.
+        linear.target = nn.functional.linear
+        lowered.append(_lower_one(gm, deq_node, path, pack_int4))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -112,18 +122,6 @@ def lower(
         with torch.no_grad():
             check_parity(model(*args), gm(*args), backend="torchao", tolerance=tolerance)
     return gm
-
-
-def _linear_weight_reads(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, str]]:
-    """``(linear node, weight dequantize node, QuantizedParams path)`` of each Linear."""
-    found = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
-            continue
-        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        if isinstance(w, fx.Node) and w.op == "call_function" and w.target is dequantize and w.args[0].op == "get_attr":
-            found.append((node, w, w.args[0].target.rpartition(".")[0]))
-    return found
 
 
 def _unsupported(p: QuantizedParams) -> str | None:

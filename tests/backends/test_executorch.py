@@ -133,3 +133,14 @@ def test_w4a8_convolutions_lower_as_int8_range_weights(tmp_path):
     report = et.export(q, (x,), tmp_path / "w4a8.pte")
     assert report.gemms["int8_gemms"] == 2
     check_parity(q(x), et.run(tmp_path / "w4a8.pte", (x,)), backend="test", tolerance=et.STATIC_TOLERANCE)
+
+
+def test_8da4w_on_a_torch_export_traced_model(tmp_path):
+    from statqat_ao.models import TransformerBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 64)
+    qc = sq.get_statqat_qconfig("int4", None, weight_granularity=32)
+    q = sq.convert(sq.prepare_qat_fx(TransformerBlock(64, 2), qc, (x,), trace_method="export"))
+    report = et.export(q, (x,), tmp_path / "block.pte", activations="dynamic_int8")
+    assert report.gemms == {"dynamic_gemms": 4}

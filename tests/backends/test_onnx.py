@@ -90,8 +90,11 @@ def test_export_runs_with_parity_and_stores_codes(exported, model, case):
     for path, params in weights:
         stored = initializers[f"{path}.codes"]
         assert stored.data_type == code_type, path
-        expected = params.codes.numpy().astype(np.int64).ravel()
-        assert np.array_equal(_codes_of(stored).ravel(), expected), path
+        codes = params.codes.numpy().astype(np.int64)
+        rows = codes.reshape(codes.shape[0], -1)
+        # Linear weights read by MatMul are stored transposed ([in, out]: DQ -> MatMul)
+        layouts = [codes.ravel(), rows.T.ravel()] if tuple(stored.dims) == rows.T.shape else [codes.ravel()]
+        assert any(np.array_equal(_codes_of(stored).ravel(), e) for e in layouts), path
         dequantized = params.dequantize().numpy().ravel()
         assert not any(f.size == dequantized.size and np.allclose(f, dequantized) for f in floats), path
 

@@ -139,3 +139,16 @@ def test_a_model_without_quantized_linear_weights_is_refused():
     q, x = converted("cnn", sq.get_statqat_qconfig("int8", "int8", skip=["head"]))
     with pytest.raises(UnsupportedModelError, match="nothing to lower"):
         ao_backend.lower(q, (x,))
+
+
+def test_torch_export_traced_models_lower_too():
+    # the torch.export path (Hugging Face models) calls aten.linear, not F.linear
+    from statqat_ao.models import TransformerBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 64)
+    qc = sq.get_statqat_qconfig("int4", None, weight_granularity=32)
+    q = sq.convert(sq.prepare_qat_fx(TransformerBlock(64, 2), qc, (x,), trace_method="export"))
+    lowered = ao_backend.lower(q, (x,))
+    assert {w.tensor_type for w in lowered.lowered_weights} == {"Int4OpaqueTensor"}
+    assert len(lowered.lowered_weights) == 4
