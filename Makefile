@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/fake_quant_speed.py
 	$(PY) benchmarks/qat_step_speed.py
 	$(PY) benchmarks/digits_accuracy.py
+	$(PY) benchmarks/deployment.py
 
 demo: $(STAMP)
 	$(VENV)/bin/statqat demo

@@ -11,12 +11,13 @@ For each quantized configuration the converted model is lowered by every backend
 can express it (each lowering checks itself against the converted model), and timed
 against the same model's fp32 artifact from that runtime in the same run:
 
-* torch: fp32 eager vs ``backends.torchao.lower`` (file: ``torch.save`` of the module);
+* torch: fp32 eager vs ``backends.torchao.lower`` (eager, torchao's CPU kernels);
 * onnxruntime: fp32 ``torch.onnx.export`` vs ``backends.onnx.export``;
 * ExecuTorch: fp32 XNNPACK program vs ``backends.executorch.export``.
 
-Sizes: the artifact file, and (torchao) the quantized Linear weights' bytes against
-their fp32 bytes. Latency: median of interleaved rounds after warm-up.
+Sizes: the artifact file (torch: ``torch.save`` of the state dict), and (torchao) the
+quantized Linear weights' bytes against their fp32 bytes. Latency: median of rounds
+after warm-up, interleaved within each runtime.
 
 Usage: python benchmarks/deployment.py [--threads 2] [--rounds 15] [--quick] [--skip-minilm]
 """
@@ -59,7 +60,7 @@ def _torch_artifacts(name, converted, inputs, config, out) -> list[Artifact]:
 
     lowered = lower(converted, inputs)
     path = out / f"{name}_{config}_torchao.pt"
-    torch.save(lowered, path)
+    torch.save(lowered.state_dict(), path)  # the weights (torchao tensors pickle); fp32: its state_dict too
     before, after = weight_bytes(lowered)
     types = sorted({w.tensor_type for w in lowered.lowered_weights})
     note = f"Linear weights {after / before:.3f}x of fp32 ({', '.join(types)})"
@@ -107,7 +108,6 @@ def _float_artifacts(name, model, inputs, out) -> list[Artifact]:
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
-
         from statqat_ao.backends.executorch import load_program
 
         ep = torch.export.export(model, inputs)
@@ -136,16 +136,20 @@ def _quantized_artifacts(name, converted, inputs, config, out, backends) -> list
 
 
 def _time(artifacts: list[Artifact], rounds: int, per_round: int) -> None:
+    """Interleaved rounds within each runtime (fp32 and its quantized artifacts alike);
+    runtimes one after another, so one runtime's idle worker threads do not load another's."""
     with torch.no_grad():
-        for a in artifacts:
-            for _ in range(3):
-                a.run()
-        for _ in range(rounds):
-            for a in artifacts:
-                start = time.perf_counter()
-                for _ in range(per_round):
+        for runtime in dict.fromkeys(a.runtime for a in artifacts):
+            group = [a for a in artifacts if a.runtime == runtime]
+            for a in group:
+                for _ in range(3):
                     a.run()
-                a.times.append((time.perf_counter() - start) / per_round)
+            for _ in range(rounds):
+                for a in group:
+                    start = time.perf_counter()
+                    for _ in range(per_round):
+                        a.run()
+                    a.times.append((time.perf_counter() - start) / per_round)
 
 
 def _print(title: str, artifacts: list[Artifact]) -> None:
