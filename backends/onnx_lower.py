@@ -204,9 +204,10 @@ def _dequantize_weight(rw: _Rewriter, node: onnx.NodeProto, transposed_out: str 
     base = rw.unique(codes_name.removesuffix(".codes"))
     stored = rw.add(code_tensor(f"{base}.codes", np.ascontiguousarray(rows), elem_type))
     inputs = [stored, rw.constant(f"{base}.scale", np.ascontiguousarray(scale).astype(np.float32))]
-    if fmt.family == "int" or np.any(zp != 0):
-        # INT: an explicit zero point even when 0: onnxruntime's u8 rewrite of INT8
-        # weights (session.x64quantprecision) needs one per channel for a Gemm.
+    if (fmt.family == "int" and fmt.bits == 8) or np.any(zp != 0):
+        # INT8: an explicit zero point even when 0: onnxruntime's u8 rewrite of INT8
+        # weights (session.x64quantprecision) needs one per channel for a Gemm. Narrower
+        # symmetric codes omit it (4 bits per group saved).
         inputs.append(_typed_zero_point(rw, f"{base}.zero_point", np.ascontiguousarray(zp), elem_type))
     attrs = {} if axis is None else {"axis": axis}
     if layout.kind == "group":
