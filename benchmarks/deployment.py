@@ -197,7 +197,7 @@ def digits_cnn(args, out: Path) -> None:
     for config, (qconfig, backends) in configs.items():
         converted, _ = qat_digits_cnn(qconfig, steps=steps)
         artifacts += _quantized_artifacts("digits", converted, (x,), config, out, backends)
-    _time(artifacts, args.rounds, per_round=50)
+    _time(artifacts, args.rounds, per_round=200)
     _print("DigitsCNN, batch 1", artifacts)
 
 
