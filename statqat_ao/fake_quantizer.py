@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from .blocks import Granularity, block_layout
-from .estimators import analytic_qparams, iterative_qparams, minmax_qparams
+from .estimators import analytic_qparams, iterative_qparams, minmax_qparams, octav_qparams
 from .estimators.iterative import least_squares_sums, least_squares_update
 from .fake_quant import fake_quantize
 from .formats import Format, get_format
 
-ONLINE_METHODS = ("analytic", "iterative", "minmax")
+ONLINE_METHODS = ("analytic", "iterative", "minmax", "octav")
 
 
 def _joint(xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -45,7 +45,8 @@ class FakeQuantizer(nn.Module):
 
     Args:
         fmt: format name or :class:`Format`.
-        method: ``"analytic"``, ``"iterative"`` or ``"minmax"``.
+        method: ``"analytic"``, ``"iterative"``, ``"minmax"`` or ``"octav"`` (a peer
+            method: its full fixed-point iteration runs on every training batch).
         granularity: ``"tensor"``, ``"channel"`` or an int group size.
         axis: channel axis.
         symmetric: zero point 0 (asymmetric needs an INT format).
@@ -72,6 +73,8 @@ class FakeQuantizer(nn.Module):
         self.fmt = get_format(fmt)
         if not symmetric and self.fmt.family != "int":
             raise ValueError(f"asymmetric quantization needs an INT format, got {self.fmt.name}")
+        if not symmetric and method == "octav":
+            raise ValueError("octav estimates symmetric quantizers only; pass symmetric=True")
         self.method, self.granularity, self.axis, self.symmetric = method, granularity, axis, symmetric
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
@@ -100,6 +103,8 @@ class FakeQuantizer(nn.Module):
             s, zp = iterative_qparams(blocks, self.fmt, self.symmetric)
         elif self.method == "analytic":
             s, zp = analytic_qparams(blocks, self.fmt, self.symmetric)
+        elif self.method == "octav":
+            s, zp = octav_qparams(blocks.reshape(blocks.shape[0], -1), self.fmt, self.symmetric)
         else:
             s, zp = minmax_qparams(blocks, self.fmt, self.symmetric)
         # Branch-free guard: a block with no usable estimate (all zeros, or a NaN/Inf batch)

@@ -108,3 +108,15 @@ def test_shared_operands_are_estimated_jointly(method):
     else:
         expected = sq.estimate_qparams(joint, "int8", method)[0]
     torch.testing.assert_close(fq.scale.reshape(1), expected.reshape(1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fmt, granularity", [("int4", "channel"), ("fp4_e2m1", 16), ("int8", "tensor")])
+def test_octav_online_scale_equals_the_octav_estimator(fmt, granularity):
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    fq = sq.FakeQuantizer(fmt, "octav", granularity)
+    fq(x)
+    s, _ = sq.estimate_qparams(x, fmt, method="octav", granularity=granularity)
+    assert torch.equal(fq.scale, s)
+    with pytest.raises(ValueError, match="symmetric quantizers only"):
+        sq.FakeQuantizer("int4", "octav", symmetric=False)
