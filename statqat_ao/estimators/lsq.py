@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..block_stats import block_len, reduce_blocks
+from ..block_stats import reduce_blocks_with_count
 from ..blocks import block_layout
 from ..formats import Format, get_format
 from .common import centered_zero_point, error_model_gmax
@@ -21,11 +21,11 @@ from .common import centered_zero_point, error_model_gmax
 def lsq_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block LSQ initial scale for ``x`` of shape ``[B, L]``."""
     gmax = error_model_gmax(fmt, symmetric)
-    sums, _ = reduce_blocks(sums=[x.abs(), x])
-    s = 2 * sums[0] / block_len(x) / math.sqrt(gmax)
+    sums, _, n = reduce_blocks_with_count(sums=[x.abs(), x])
+    s = 2 * sums[0] / n / math.sqrt(gmax)
     if symmetric:
         return s, torch.zeros_like(s)
-    return s, centered_zero_point(sums[1] / block_len(x), s, fmt)
+    return s, centered_zero_point(sums[1] / n, s, fmt)
 
 
 def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
@@ -61,7 +61,8 @@ class LSQFakeQuantize(nn.Module):
         from . import estimate_qparams
 
         s, zp = estimate_qparams(x, self.fmt, "lsq", self.granularity, self.axis)
-        self.scale = nn.Parameter(s)
+        # In place: an optimizer built before the first forward keeps training this Parameter.
+        self.scale.data = s.to(self.scale.device)
         self.zero_point = zp
         layout = block_layout(x.shape, self.granularity, self.axis, self.fmt)
         self._grad_factor = 1.0 / math.sqrt(layout.block_len * error_model_gmax(self.fmt, True))
@@ -100,3 +101,20 @@ class LSQFakeQuantize(nn.Module):
     @property
     def is_initialized(self) -> bool:
         return self.initialized
+
+    def get_extra_state(self) -> dict:
+        # Restored on load, so a resumed run keeps its learned scale instead of re-initialising.
+        return {"initialized": self.initialized, "grad_factor": getattr(self, "_grad_factor", None)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.initialized = bool(state.get("initialized", False))
+        if state.get("grad_factor") is not None:
+            self._grad_factor = float(state["grad_factor"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("scale", "zero_point"):  # shaped by the first estimate
+            saved = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if saved is not None and saved.shape != current.shape:
+                current.data = torch.empty_like(saved, device=current.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
