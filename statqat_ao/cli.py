@@ -2,7 +2,7 @@
 
 Example:
     $ statqat formats          # every format: levels, max value, Gaussian c_opt and SNR
-    $ statqat demo             # the main job (arrives with the main-job issue)
+    $ statqat demo --quick     # the main job: StatQAT vs its peers on sklearn's digits
     $ statqat export statqat_ao.examples:digits_cnn_w8a8 --to onnx --out digits.onnx
 """
 
@@ -27,11 +27,20 @@ def _formats(_: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(_: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import DemoSettings, format_table, run_demo
+
+    settings = DemoSettings.for_run(args.quick, args.seeds)
     print(
-        "statqat demo: QAT on sklearn's digits with every method arrives with the main-job issue.\n"
-        "Until then, try `statqat formats`, or see README.md for the Python API."
+        f"statqat demo: DigitsCNN on sklearn's digits, float then W4A4 QAT (int4, fp4_e2m1) with "
+        f"minmax, lsq, octav, analytic, iterative; {settings.seeds} seed(s)"
     )
+    out = Path(args.out)
+    results = run_demo(out, settings, progress=not args.no_progress, export=not args.no_export)
+    print("\n" + format_table(results))
+    print(f"\nwrote {out / 'results.json'}, {out / 'training_curves.png'}, {out / 'layer_snr.png'}, {out / 'run_info.json'}")
     return 0
 
 
@@ -79,7 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="statqat", description="StatQAT: statistically optimal QAT for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("formats", help="list the formats with their Gaussian-optimal clip and SNR").set_defaults(func=_formats)
-    sub.add_parser("demo", help="the main job on sklearn's digits").set_defaults(func=_demo)
+    demo = sub.add_parser("demo", help="StatQAT vs MinMax, LSQ and OCTAV: W4A4 QAT on sklearn's digits, then export")
+    demo.add_argument("--quick", action="store_true", help="1 seed, fewer epochs (about a minute)")
+    demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, 1 with --quick)")
+    demo.add_argument("--out", default="demo_out", help="folder for results.json and the figures (default demo_out)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--no-export", action="store_true", help="skip exporting the best model")
+    demo.set_defaults(func=_demo)
+    from .analyze import add_analyze_parser
+
+    add_analyze_parser(sub)
     export = sub.add_parser(
         "export",
         help="lower a converted model to torchao tensors, ONNX or ExecuTorch, checked against it",
