@@ -29,8 +29,10 @@ def lsq_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch.Te
 
 
 def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
-    # Forward value t exactly; backward gradient multiplied by factor.
-    return (t - t * factor).detach() + t * factor
+    # Forward value t exactly (t + (a - a) is t; (t - a) + a is not, in float32);
+    # backward gradient multiplied by factor.
+    scaled = t * factor
+    return t.detach() + (scaled - scaled.detach())
 
 
 class LSQFakeQuantize(nn.Module):

@@ -264,3 +264,14 @@ class TestBadInput:
             sq.estimate_qparams(torch.randn(4, 64), "nvfp4", granularity=32)
         with pytest.raises(ValueError, match="floating-point"):
             sq.estimate_qparams(torch.ones(4, 8, dtype=torch.int32), "int4")
+
+
+def test_lsq_scale_gradient_keeps_the_value_bit_for_bit_and_scales_the_gradient():
+    from statqat_ao.estimators.lsq import _scale_gradient
+
+    t = (torch.rand(10_000) * 3).requires_grad_()
+    for factor in (0.1, 1 / 3, 0.0123):
+        out = _scale_gradient(t, factor)
+        assert torch.equal(out.detach(), t.detach())
+        (g,) = torch.autograd.grad(out.sum(), t)
+        assert torch.allclose(g, torch.full_like(g, factor))
