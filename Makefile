@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/qat_step_speed.py
 	$(PY) benchmarks/digits_accuracy.py
 	$(PY) benchmarks/deployment.py
+	$(PY) benchmarks/minilm_qat.py
 
 demo: $(STAMP)
 	$(VENV)/bin/statqat demo
