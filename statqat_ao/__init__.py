@@ -8,7 +8,7 @@ Example:
     True
 """
 
-from . import blocks, estimators
+from . import blocks, distributed, estimators
 from .error_model import c_opt, gaussian_snr_db
 from .estimators import LSQFakeQuantize, estimate_qparams
 from .fake_quant import fake_quantize
@@ -34,6 +34,7 @@ __all__ = [
     "prepare_qat_fx",
     "statqat_qconfig",
     "blocks",
+    "distributed",
     "estimators",
     "Format",
     "LSQFakeQuantize",

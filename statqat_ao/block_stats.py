@@ -1,9 +1,13 @@
 """The one place where per-block statistics are reduced.
 
 Every estimator computes its block statistics (counts, sums, sums of squares, sum x*q,
-sum q^2, extrema) through :func:`reduce_blocks`, so that a data-parallel run can
-all-reduce them in one spot and estimate exactly what one process would on the global
-batch.
+sum q^2, extrema) through :func:`reduce_blocks` (or :func:`reduce_blocks_with_count`
+where it needs the element count), so that a data-parallel run can all-reduce them in
+one spot and estimate exactly what one process would on the global batch.
+
+The reduction is off (purely local, as in a single process) unless code runs inside
+:func:`reduced_over` with a process group; :class:`~statqat_ao.FakeQuantizer` and
+:mod:`statqat_ao.distributed` decide when (see there for the rule).
 
 Example:
     >>> import torch
@@ -15,9 +19,48 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Where block statistics go: ``group`` (a ``torch.distributed`` process group) and
+    whether the blocks span its ranks (``blocks``). Tensor-wide extrema (NVFP4's amax)
+    are reduced over ``group`` either way."""
+
+    group: Any
+    blocks: bool = True
+
+
+# The active reduction; None (the default, and always in a single process) is local.
+_ACTIVE: Reduction | None = None
+
+
+@contextmanager
+def reduced_over(group: Any, blocks: bool = True) -> Iterator[None]:
+    """Reduce the statistics computed inside over ``group`` (``None``: stay local).
+
+    ``blocks=False`` keeps per-block statistics local (blocks that lie within one rank,
+    e.g. per-row groups of an activation) and reduces only tensor-wide extrema.
+
+    Example:
+        >>> import torch
+        >>> with reduced_over(None):
+        ...     reduce_blocks(maxima=[torch.ones(1, 3)])[1].tolist()
+        [[1.0]]
+    """
+    global _ACTIVE
+    previous = _ACTIVE
+    _ACTIVE = None if group is None else Reduction(group, blocks)
+    try:
+        yield
+    finally:
+        _ACTIVE = previous
 
 
 def block_len(x: torch.Tensor) -> int:
@@ -28,6 +71,33 @@ def block_len(x: torch.Tensor) -> int:
 def per_block(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Shape ``[n_blocks]`` values to broadcast against the block view ``x``."""
     return values.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _local(
+    sums: Sequence[torch.Tensor], maxima: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ref = (list(sums) + list(maxima))[0]
+    n_blocks = ref.shape[0]
+    dims = tuple(range(1, ref.dim()))
+    s = torch.stack([t.sum(dim=dims) for t in sums]) if sums else ref.new_zeros((0, n_blocks))
+    m = torch.stack([t.amax(dim=dims) for t in maxima]) if maxima else ref.new_zeros((0, n_blocks))
+    return s, m
+
+
+def all_reduce_stats(s: torch.Tensor, m: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum ``s`` and take the maximum of ``m`` (both ``[k, n_blocks]``) over ``group``.
+
+    One all-gather; every rank then adds the ranks' terms in rank order, so all ranks
+    hold bit-identical results whatever algorithm the backend reduces with.
+    """
+    import torch.distributed as dist
+
+    packed = torch.cat([s, m.to(s.dtype)]).contiguous()
+    parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, packed, group=group)
+    gathered = torch.stack(parts)
+    k = s.shape[0]
+    return gathered[:, :k].sum(dim=0), gathered[:, k:].amax(dim=0).to(m.dtype)
 
 
 def reduce_blocks(
@@ -41,10 +111,52 @@ def reduce_blocks(
 
     Returns ``(stacked_sums [len(sums), n_blocks], stacked_maxima [len(maxima), n_blocks])``;
     an empty sequence gives an empty leading dimension. Minima are maxima of negated terms.
+    Inside :func:`reduced_over` (blocks spanning ranks) both are reduced over the group.
+    """
+    s, m = _local(sums, maxima)
+    if _ACTIVE is not None and _ACTIVE.blocks:
+        s, m = all_reduce_stats(s, m, _ACTIVE.group)
+    return s, m
+
+
+def reduce_blocks_with_count(
+    sums: Sequence[torch.Tensor] = (), maxima: Sequence[torch.Tensor] = ()
+) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """:func:`reduce_blocks`, plus the number of elements per block.
+
+    The count is :func:`block_len` (a Python int) when the reduction is local, and the
+    global count (a float tensor ``[n_blocks]``, reduced in the same collective as the
+    sums) when it spans ranks: means are global sums over global counts.
+
+    Example:
+        >>> import torch
+        >>> x = torch.arange(6.0).reshape(2, 3)
+        >>> sums, _, n = reduce_blocks_with_count(sums=[x])
+        >>> (sums[0] / n).tolist(), n
+        ([1.0, 4.0], 3)
     """
     ref = (list(sums) + list(maxima))[0]
-    n_blocks = ref.shape[0]
-    dims = tuple(range(1, ref.dim()))
-    s = torch.stack([t.sum(dim=dims) for t in sums]) if sums else ref.new_zeros((0, n_blocks))
-    m = torch.stack([t.amax(dim=dims) for t in maxima]) if maxima else ref.new_zeros((0, n_blocks))
-    return s, m
+    n = block_len(ref)
+    s, m = _local(sums, maxima)
+    if _ACTIVE is None or not _ACTIVE.blocks:
+        return s, m, n
+    count = s.new_full((1, ref.shape[0]), float(n))
+    s, m = all_reduce_stats(torch.cat([s, count]), m, _ACTIVE.group)
+    return s[:-1], m, s[-1]
+
+
+def tensor_abs_max(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` over the whole tensor (0-dim float32), over every rank inside :func:`reduced_over`.
+
+    For tensor-wide scales (NVFP4's per-tensor scale), which span ranks even where the
+    blocks do not.
+
+    Example:
+        >>> tensor_abs_max(torch.tensor([[1.0, -4.0], [2.0, 3.0]])).item()
+        4.0
+    """
+    amax = x.detach().abs().amax().float()
+    if _ACTIVE is not None:
+        _, m = all_reduce_stats(amax.new_zeros((0, 1)), amax.reshape(1, 1), _ACTIVE.group)
+        amax = m.reshape(())
+    return amax

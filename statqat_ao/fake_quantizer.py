@@ -21,10 +21,14 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from .blocks import Granularity, block_layout
+from . import distributed
+from .block_stats import tensor_abs_max
+from .blocks import BlockLayout, Granularity, block_layout
 from .estimators import analytic_qparams, iterative_qparams, minmax_qparams, octav_qparams
 from .estimators.iterative import least_squares_sums, least_squares_update
 from .fake_quant import fake_quantize
@@ -50,6 +54,10 @@ class FakeQuantizer(nn.Module):
         granularity: ``"tensor"``, ``"channel"`` or an int group size.
         axis: channel axis.
         symmetric: zero point 0 (asymmetric needs an INT format).
+        process_group: where a multi-process run combines the statistics (see
+            :mod:`statqat_ao.distributed`): ``"default"`` follows
+            :func:`statqat_ao.distributed.set_process_group` for activations and keeps
+            weights local; ``"off"``/``None`` never reduces; a process group always does.
 
     Attributes:
         fake_quant_enabled, observer_enabled: Python bools (not tensors, so a compiled
@@ -63,6 +71,7 @@ class FakeQuantizer(nn.Module):
         granularity: Granularity = "tensor",
         axis: int = 0,
         symmetric: bool = True,
+        process_group: Any = distributed.DEFAULT,
     ):
         # nn.Module's init, not the next class's: the torch.ao / torchao bases that
         # subclasses add only set flag buffers and dtype attributes, which they replace.
@@ -76,6 +85,7 @@ class FakeQuantizer(nn.Module):
         if not symmetric and method == "octav":
             raise ValueError("octav estimates symmetric quantizers only; pass symmetric=True")
         self.method, self.granularity, self.axis, self.symmetric = method, granularity, axis, symmetric
+        self.process_group = distributed.as_setting(process_group)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.fake_quant_enabled = True
@@ -85,10 +95,18 @@ class FakeQuantizer(nn.Module):
     @torch.no_grad()
     def _estimate(self, x: torch.Tensor, *more: torch.Tensor) -> None:
         """Update the scale from ``x`` (and, jointly, the shared operands ``more``)."""
+        # A Python-level decision: None in a single process, so nothing else is traced.
+        group = distributed.statistics_group(self, x, getattr(self, "process_group", distributed.DEFAULT))
         warm_shared = self.method == "iterative" and self._scale_shape == ()
         if more and not warm_shared:
             x, more = _joint((x, *more)), ()
         layout = block_layout(x.shape, self.granularity, self.axis, self.fmt)
+        if group is None:
+            return self._update(layout, x, more)
+        with distributed.statistics_reduced(group, layout):
+            return self._update(layout, x, more)
+
+    def _update(self, layout: BlockLayout, x: torch.Tensor, more: tuple[torch.Tensor, ...]) -> None:
         blocks = layout.block_view(x.detach().float())
         warm = self._scale_shape == layout.scale_shape
         if self.method == "iterative" and warm:
@@ -115,7 +133,7 @@ class FakeQuantizer(nn.Module):
         if self.fmt.is_block_format:
             from .scale_formats import nvfp4_tensor_scale, round_scale
 
-            ts = nvfp4_tensor_scale(x) if self.fmt.scale_format == "fp8_e4m3" else None
+            ts = nvfp4_tensor_scale(tensor_abs_max(x)) if self.fmt.scale_format == "fp8_e4m3" else None
             s = round_scale(blocks, s, self.fmt, self.method, ts)
         if not warm:
             self.scale = layout.from_blocks(s).clone()

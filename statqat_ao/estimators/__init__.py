@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 import torch
 
+from ..block_stats import tensor_abs_max
 from ..blocks import Granularity, block_layout
+from ..distributed import narrowed_to
 from ..formats import Format, get_format
 from .analytic import analytic_qparams
 from .iterative import iterative_qparams, least_squares_step
@@ -99,13 +101,15 @@ def estimate_qparams(
     x = x.detach().float()
     check_finite(x, name)
     blocks = layout.to_blocks(x)
-    s, zp = ESTIMATORS[method](blocks, fmt, symmetric, **options)
-    s = finalize_scale(blocks, s, fmt, symmetric)
-    if fmt.is_block_format:
-        from ..scale_formats import nvfp4_tensor_scale, round_scale
+    with narrowed_to(layout):  # under distributed.reduce_statistics: only blocks spanning ranks
+        s, zp = ESTIMATORS[method](blocks, fmt, symmetric, **options)
+        s = finalize_scale(blocks, s, fmt, symmetric)
+        if fmt.is_block_format:
+            from ..scale_formats import nvfp4_tensor_scale, round_scale
 
-        ts = nvfp4_tensor_scale(x) if fmt.scale_format == "fp8_e4m3" else None
-        s = round_scale(blocks, s, fmt, method, ts)
+            # The tensor amax of every rank (the global amax under reduce_statistics).
+            ts = nvfp4_tensor_scale(tensor_abs_max(x)) if fmt.scale_format == "fp8_e4m3" else None
+            s = round_scale(blocks, s, fmt, method, ts)
     return layout.from_blocks(s), layout.from_blocks(zp.to(torch.int32))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..block_stats import block_len, reduce_blocks
+from ..block_stats import reduce_blocks_with_count
 from ..error_model import GAUSSIAN, Family, c_opt, kurtosis_to_c_opt_table
 from ..formats import Format
 from .common import centered_zero_point, error_model_gmax
@@ -47,13 +47,12 @@ def analytic_qparams(
     ones the standard deviation about the mean, and a zero point that centres the grid
     on the mean.
     """
-    n = block_len(x)
     if symmetric:
-        sums, maxima = reduce_blocks(sums=[x * x, (x * x) ** 2], maxima=[x.abs()])
+        sums, maxima, n = reduce_blocks_with_count(sums=[x * x, (x * x) ** 2], maxima=[x.abs()])
         var, fourth = sums[0] / n, sums[1] / n
         mean = torch.zeros_like(var)
     else:
-        sums, maxima = reduce_blocks(sums=[x, x * x, x**3, x**4], maxima=[x, -x])
+        sums, maxima, n = reduce_blocks_with_count(sums=[x, x * x, x**3, x**4], maxima=[x, -x])
         mean = sums[0] / n
         m2, m3, m4 = sums[1] / n, sums[2] / n, sums[3] / n
         var = (m2 - mean**2).clamp(min=0)

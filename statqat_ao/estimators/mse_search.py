@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..block_stats import reduce_blocks
 from ..formats import Format
 from .common import block_sse
 from .minmax import minmax_qparams
@@ -41,7 +42,8 @@ def mse_qparams(
         def zp_for(s):
             return zp_mm
     else:
-        mid = (x.amax(dim=1) + x.amin(dim=1)) / 2
+        _, m = reduce_blocks(maxima=[x, -x])
+        mid = (m[0] - m[1]) / 2
         center = (fmt.qmin + fmt.qmax) / 2
 
         def zp_for(s):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..block_stats import reduce_blocks
+from ..block_stats import reduce_blocks, reduce_blocks_with_count
 from ..error_model import c_opt
 from ..formats import Format
 from ..rounding import grid_spacing
@@ -31,8 +31,8 @@ def octav_qparams(
         raise ValueError("octav estimates symmetric quantizers only; pass symmetric=True")
     gmax = error_model_gmax(fmt, True)
     a = x.abs()
-    sums, _ = reduce_blocks(sums=[a * a])
-    clip = c_opt(fmt) * (sums[0] / x.shape[1]).sqrt()  # start from the Gaussian optimum
+    sums, _, n = reduce_blocks_with_count(sums=[a * a])
+    clip = c_opt(fmt) * (sums[0] / n).sqrt()  # start from the Gaussian optimum
     for _ in range(steps):
         inside = a <= clip[:, None]
         rel_step = grid_spacing(a * (gmax / clip[:, None]), fmt) / gmax
