@@ -36,10 +36,10 @@ import warnings
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import statqat_ao as sq
 from statqat_ao.models import DigitsCNN, load_digits_split
+from statqat_ao.training import train_classifier
 
 warnings.filterwarnings("ignore")
 
@@ -58,31 +58,9 @@ def qat_methods(weight: str, activation: str) -> dict:
     return {f"StatQAT {tag}": statqat, f"MinMax {tag}": minmax}
 
 
-def train(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    epochs: int,
-    lr: float,
-    batch: int,
-    seed: int,
-    desc: str,
-    quiet: bool,
-) -> None:
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=epochs * ((len(y) + batch - 1) // batch)
-    )
-    g = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc=desc, leave=False, disable=quiet):
-        order = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), batch):
-            idx = order[i : i + batch]
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            sched.step()
+def train(model, x, y, epochs, lr, batch, seed, desc, quiet) -> None:
+    """statqat_ao's training loop (Adam, cosine schedule, batches ordered by ``seed``)."""
+    train_classifier(model, x, y, epochs, lr, batch, seed, None if quiet else desc)
 
 
 @torch.no_grad()

@@ -16,22 +16,33 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import fx, nn
 
 from .models import DigitsCNN, load_digits_split
 
 
-def qat_digits_cnn(qconfig, steps: int = 60, batch: int = 128, seed: int = 0) -> tuple[fx.GraphModule, tuple]:
-    """Prepare :class:`DigitsCNN` with ``qconfig``, train ``steps`` Adam steps on digits, convert.
+def qat_and_convert(
+    make_model: Callable[[], nn.Module],
+    qconfig,
+    steps: int = 60,
+    batch: int = 128,
+    seed: int = 0,
+    data: tuple | None = None,
+) -> tuple[fx.GraphModule, torch.Tensor]:
+    """Seed, build ``make_model()``, prepare it with ``qconfig``, train ``steps`` Adam steps
+    (lr 3e-3) on random batches of digits, convert.
 
-    Returns the converted model and 32 test images as its example inputs.
+    Returns the converted model and 32 test images. ``data`` is
+    ``load_digits_split()``'s tuple, to reuse a loaded copy.
     """
     from .passes import convert, prepare_qat_fx
 
     torch.manual_seed(seed)
-    x, y, x_test, _ = load_digits_split()
-    qat = prepare_qat_fx(DigitsCNN(), qconfig, (x[:batch],))
+    x, y, x_test, _ = data if data is not None else load_digits_split()
+    qat = prepare_qat_fx(make_model(), qconfig, (x[:batch],))
     opt = torch.optim.Adam(qat.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     qat.train()
@@ -41,7 +52,13 @@ def qat_digits_cnn(qconfig, steps: int = 60, batch: int = 128, seed: int = 0) ->
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return convert(qat), (x_test[:32].clone(),)
+    return convert(qat), x_test[:32].clone()
+
+
+def qat_digits_cnn(qconfig, steps: int = 60, batch: int = 128, seed: int = 0) -> tuple[fx.GraphModule, tuple]:
+    """:func:`qat_and_convert` of :class:`DigitsCNN`; the test images as a tuple of inputs."""
+    converted, x_test = qat_and_convert(DigitsCNN, qconfig, steps, batch, seed)
+    return converted, (x_test,)
 
 
 def digits_cnn_w8a8(steps: int = 60) -> tuple[fx.GraphModule, tuple]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import statqat_ao as sq
+from statqat_ao.examples import qat_and_convert
 from statqat_ao.models import TransformerBlock, load_digits_split
 
 _DIGITS = None
@@ -57,17 +57,4 @@ MODELS = {"cnn": SmallCNN, "transformer": DigitsTransformer}
 
 def converted(model_name: str, qconfig, steps: int = 6, batch: int = 64, seed: int = 0):
     """``(converted_model, x_test)``: prepare, ``steps`` Adam QAT steps on digits, convert."""
-    torch.manual_seed(seed)
-    x, y, x_test, _ = digits()
-    model = MODELS[model_name]()
-    qat = sq.prepare_qat_fx(model, qconfig, (x[:batch],))
-    opt = torch.optim.Adam(qat.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    qat.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (batch,), generator=g)
-        loss = nn.functional.cross_entropy(qat(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return sq.convert(qat), x_test[:32].clone()
+    return qat_and_convert(MODELS[model_name], qconfig, steps, batch, seed, data=digits())
