@@ -124,7 +124,14 @@ def _convert_quantizer(gm, node, fq, cache) -> str:
     """Replace ``fq`` by its QuantizedParams (codes for a weight) and rewrite this call."""
     path = _quant_path(node.target)
     if len(node.args) == 1 and is_constant(node.args[0]):  # a weight: store its codes
-        params = QuantizedParams.from_tensor(constant_value(node.args[0], gm, cache), *_qparams(fq), fq.fmt)
+        weight = constant_value(node.args[0], gm, cache)
+        if not bool(torch.isfinite(weight).all()):
+            raise ConvertError(
+                f"the weight quantized by {path!r} holds {int(torch.isnan(weight).sum())} NaN and "
+                f"{int(torch.isinf(weight).sum())} Inf values: its codes would be meaningless. "
+                "Training diverged; convert a checkpoint from before it."
+            )
+        params = QuantizedParams.from_tensor(weight, *_qparams(fq), fq.fmt)
     else:
         params = QuantizedParams(fq.fmt, *_qparams(fq))
     _set_module(gm, node.target, None)

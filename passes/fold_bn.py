@@ -75,7 +75,16 @@ class FoldedBatchNorm(nn.Module):
             self.num_batches_tracked.add_(1)
             if momentum is None:  # cumulative moving average, as nn.BatchNorm
                 momentum = 1.0 / float(self.num_batches_tracked)
-        return F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
+        # The conv weight is folded with the running variance, so one NaN batch there
+        # would poison every later step: the running statistics take a non-finite
+        # batch's update only if it is finite (branch-free, so compiled graphs keep it;
+        # plain nn.BatchNorm would take the NaN). batch_norm updates copies in place.
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        out = F.batch_norm(y, mean, var, self.weight, self.bias, True, momentum, self.eps)
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
+        self.running_var.copy_(torch.where(finite, var, self.running_var))
+        return out
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> list[str]:

@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from statqat_ao.blocks import block_layout
 from statqat_ao.formats import get_format
+from statqat_ao.nonfinite import NonFiniteTracking
 from statqat_ao.qconfig import QuantSpec, StatQATQConfig, statqat_qconfig
 
 from .constants import constant_value, get_attr, param_path
@@ -50,7 +51,9 @@ def _register(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
     while hasattr(parent, name):
         name, k = f"{leaf}_{k}", k + 1
     parent.add_module(name, module)
-    return f"{parent_path}.{name}" if parent_path else name
+    path = f"{parent_path}.{name}" if parent_path else name
+    module._statqat_name = path  # for error messages (statqat_ao.nonfinite)
+    return path
 
 
 class _Inserter:
@@ -218,4 +221,7 @@ def _initialize(gm: fx.GraphModule, inserter: _Inserter, example_inputs, example
         fq(constant_value(fq_node.args[0], gm, cache))
     if example_inputs is not None:
         gm(*example_inputs, **(example_kwargs or {}))
+    for m in gm.modules():  # the first training forward is statistics update 0 (step 0)
+        if isinstance(m, NonFiniteTracking):
+            m.updates.zero_()
     gm.train(was_training)

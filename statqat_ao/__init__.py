@@ -8,13 +8,14 @@ Example:
     True
 """
 
-from . import blocks, distributed, estimators
+from . import blocks, distributed, estimators, nonfinite
 from .error_model import c_opt, gaussian_snr_db
 from .estimators import LSQFakeQuantize, estimate_qparams
 from .fake_quant import fake_quantize
 from .fake_quantizer import FakeQuantizer
 from .formats import Format, get_format, known_formats
 from .metrics import snr_db
+from .nonfinite import NonFiniteError, check_finite
 from .passes import ConvertError, TraceError, convert, prepare_qat_fx
 from .qconfig import QuantSpec, StatQATQConfig, get_statqat_qconfig, statqat_qconfig
 from .quantized import QuantizedParams
@@ -23,6 +24,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvertError",
+    "NonFiniteError",
+    "check_finite",
+    "nonfinite",
     "StatQATQuantizer",
     "FakeQuantizer",
     "QuantSpec",

@@ -33,6 +33,7 @@ from .estimators import analytic_qparams, iterative_qparams, minmax_qparams, oct
 from .estimators.iterative import least_squares_sums, least_squares_update
 from .fake_quant import fake_quantize
 from .formats import Format, get_format
+from .nonfinite import NonFiniteTracking, quantizer_name
 
 ONLINE_METHODS = ("analytic", "iterative", "minmax", "octav")
 
@@ -44,7 +45,25 @@ def _joint(xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in xs])
 
 
-class FakeQuantizer(nn.Module):
+def largest_scale(dtype: torch.dtype, fmt: Format, symmetric: bool) -> float:
+    """The largest scale whose every grid point is finite in ``dtype``.
+
+    Above it the fake quant's output, cast back to ``dtype``, would hold Inf (fp16's
+    range ends at 65504: an INT4 scale over 65504 / 8 puts code -8 beyond it).
+
+    Example:
+        >>> largest_scale(torch.float16, get_format("int4"), True)
+        8188.0
+    """
+    span = max(abs(fmt.qmin), abs(fmt.qmax)) if symmetric else fmt.qmax - fmt.qmin
+    return torch.finfo(dtype).max / span if dtype.is_floating_point else torch.finfo(torch.float32).max / span
+
+
+def _usable(s: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(s) & (s > 0)
+
+
+class FakeQuantizer(NonFiniteTracking, nn.Module):
     """Fake quantization of one tensor with an online StatQAT scale.
 
     Args:
@@ -58,6 +77,8 @@ class FakeQuantizer(nn.Module):
             :mod:`statqat_ao.distributed`): ``"default"`` follows
             :func:`statqat_ao.distributed.set_process_group` for activations and keeps
             weights local; ``"off"``/``None`` never reduces; a process group always does.
+        nonfinite: ``"raise"`` or ``"skip"``: what a training batch holding NaN or Inf
+            does (see :mod:`statqat_ao.nonfinite`). Either way the scale keeps its value.
 
     Attributes:
         fake_quant_enabled, observer_enabled: Python bools (not tensors, so a compiled
@@ -72,6 +93,7 @@ class FakeQuantizer(nn.Module):
         axis: int = 0,
         symmetric: bool = True,
         process_group: Any = distributed.DEFAULT,
+        nonfinite: str = "raise",
     ):
         # nn.Module's init, not the next class's: the torch.ao / torchao bases that
         # subclasses add only set flag buffers and dtype attributes, which they replace.
@@ -91,22 +113,44 @@ class FakeQuantizer(nn.Module):
         self.fake_quant_enabled = True
         self.observer_enabled = True
         self._scale_shape: tuple[int, ...] | None = None
+        self._init_nonfinite(nonfinite)
 
     @torch.no_grad()
     def _estimate(self, x: torch.Tensor, *more: torch.Tensor) -> None:
         """Update the scale from ``x`` (and, jointly, the shared operands ``more``)."""
         # A Python-level decision: None in a single process, so nothing else is traced.
         group = distributed.statistics_group(self, x, getattr(self, "process_group", distributed.DEFAULT))
+        if any(t.numel() == 0 for t in (x, *more)):
+            if group is not None:
+                raise ValueError(
+                    f"{quantizer_name(self)} got an empty batch (shape {tuple(x.shape)}) in a multi-process "
+                    "run: every rank must contribute to the shared statistics. Drop empty batches on "
+                    "every rank alike (e.g. DistributedSampler(drop_last=True))."
+                )
+            return None  # nothing to learn from: the scale stays as it is
+        finite = self._record_update((x, *more))
         warm_shared = self.method == "iterative" and self._scale_shape == ()
         if more and not warm_shared:
             x, more = _joint((x, *more)), ()
         layout = block_layout(x.shape, self.granularity, self.axis, self.fmt)
+        self._check_scale_shape(layout.scale_shape, x.shape)
         if group is None:
-            return self._update(layout, x, more)
+            return self._update(layout, x, more, finite)
         with distributed.statistics_reduced(group, layout):
-            return self._update(layout, x, more)
+            return self._update(layout, x, more, finite)
 
-    def _update(self, layout: BlockLayout, x: torch.Tensor, more: tuple[torch.Tensor, ...]) -> None:
+    def _check_scale_shape(self, scale_shape: tuple[int, ...], x_shape: torch.Size) -> None:
+        if self._scale_shape is not None and scale_shape != self._scale_shape:
+            raise ValueError(
+                f"{quantizer_name(self)} holds {self.granularity}-granularity scales of shape "
+                f"{tuple(self.scale.shape)} (blocks {self._scale_shape}), which do not fit an input of "
+                f"shape {tuple(x_shape)}: the quantized dimension changed between steps. Give each "
+                "tensor shape its own quantizer, or quantize it per tensor."
+            )
+
+    def _update(
+        self, layout: BlockLayout, x: torch.Tensor, more: tuple[torch.Tensor, ...], finite: torch.Tensor
+    ) -> None:
         blocks = layout.block_view(x.detach().float())
         warm = self._scale_shape == layout.scale_shape
         if self.method == "iterative" and warm:
@@ -125,11 +169,16 @@ class FakeQuantizer(nn.Module):
             s, zp = octav_qparams(blocks.reshape(blocks.shape[0], -1), self.fmt, self.symmetric)
         else:
             s, zp = minmax_qparams(blocks, self.fmt, self.symmetric)
-        # Branch-free guard: a block with no usable estimate (all zeros, or a NaN/Inf batch)
-        # keeps its previous scale (1.0 before the first), so one bad batch cannot corrupt it.
+        # Branch-free guards. A block without a usable estimate takes MinMax's scale
+        # (sums of squares overflow float32 above ~1e19, and underflow below ~1e-19, where
+        # the maximum does not), else keeps its previous scale (1.0 before the first): an
+        # all-zero block. A batch holding NaN or Inf changes no scale at all.
+        s_mm, zp_mm = minmax_qparams(blocks, self.fmt, self.symmetric) if self.method != "minmax" else (s, zp)
         previous = self.scale.reshape(-1).to(s.dtype) if warm else torch.ones_like(s)
-        s = torch.where(torch.isfinite(s) & (s > 0), s, previous.expand_as(s))
-        s = s.clamp(min=torch.finfo(torch.float32).tiny)
+        estimated, fallback = _usable(s), _usable(s_mm)
+        s = torch.where(finite & estimated, s, torch.where(finite & fallback, s_mm, previous.expand_as(s)))
+        zp = torch.where(finite & estimated, zp, torch.where(finite & fallback, zp_mm, torch.zeros_like(zp)))
+        s = s.clamp(min=torch.finfo(torch.float32).tiny, max=largest_scale(x.dtype, self.fmt, self.symmetric))
         if self.fmt.is_block_format:
             from .scale_formats import nvfp4_tensor_scale, round_scale
 
@@ -141,6 +190,8 @@ class FakeQuantizer(nn.Module):
             self._scale_shape = layout.scale_shape
         else:
             self.scale.copy_(layout.from_blocks(s))
+            if self.method != "iterative":  # least squares refines the scale for a fixed zero point
+                self.zero_point.copy_(layout.from_blocks(zp.to(torch.int32)))
 
     def forward(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Fake-quantize ``x``; with more inputs, quantize them all with one shared scale.
@@ -152,6 +203,8 @@ class FakeQuantizer(nn.Module):
         if shared and self.granularity != "tensor":
             raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
         cold = self._scale_shape is None
+        if not shared and self._scale_shape not in (None, ()):
+            self._check_scale_shape(block_layout(x.shape, self.granularity, self.axis, self.fmt).scale_shape, x.shape)
         if self.observer_enabled and cold:
             self._estimate(*xs)  # the first scale comes from this batch
         out = tuple(fake_quantize(t, self.scale, self.zero_point, self.fmt) for t in xs) if self.fake_quant_enabled else xs
@@ -178,11 +231,15 @@ class FakeQuantizer(nn.Module):
     def get_extra_state(self) -> dict:
         # Whether (and with which block shape) a scale was estimated: restored on load,
         # so a resumed model warm-starts exactly where the saved one stopped.
-        return {"scale_shape": None if self._scale_shape is None else list(self._scale_shape)}
+        return {
+            "scale_shape": None if self._scale_shape is None else list(self._scale_shape),
+            **self._nonfinite_state(),
+        }
 
     def set_extra_state(self, state: dict) -> None:
         shape = state.get("scale_shape")
         self._scale_shape = None if shape is None else tuple(shape)
+        self._load_nonfinite_state(state)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Scales are shaped by the first estimate; take the saved shape before copying.

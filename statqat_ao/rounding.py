@@ -47,7 +47,7 @@ def _round_lut(v: torch.Tensor, fmt: Format) -> torch.Tensor:
     q = torch.full_like(v, grid[0])
     for lo, hi in zip(grid[:-1], grid[1:], strict=True):
         q = q + (v > (lo + hi) / 2).to(v.dtype) * (hi - lo)
-    return q
+    return torch.where(torch.isnan(v), v, q)  # NaN compares false everywhere: keep it NaN
 
 
 def round_to_grid(v: torch.Tensor, fmt: Format) -> torch.Tensor:

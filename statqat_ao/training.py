@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .nonfinite import check_finite
+
 
 def train_classifier(
     model: nn.Module,
@@ -45,6 +47,7 @@ def train_classifier(
             idx = order[i : i + batch]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             if not torch.isfinite(loss):
+                check_finite(model)  # names the quantizer that saw a NaN first, if one did
                 raise ValueError(f"{desc or 'training'}: loss is {loss.item()} at step {len(losses)}")
             opt.zero_grad(set_to_none=True)
             loss.backward()

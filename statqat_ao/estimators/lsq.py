@@ -15,6 +15,7 @@ from torch import nn
 from ..block_stats import reduce_blocks_with_count
 from ..blocks import block_layout
 from ..formats import Format, get_format
+from ..nonfinite import NonFiniteTracking
 from .common import centered_zero_point, error_model_gmax
 
 
@@ -35,7 +36,7 @@ def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
     return t.detach() + (scaled - scaled.detach())
 
 
-class LSQFakeQuantize(nn.Module):
+class LSQFakeQuantize(NonFiniteTracking, nn.Module):
     """Fake quantization with a learned scale (LSQ).
 
     The scale is initialised from the first batch it sees (or by :meth:`initialize`).
@@ -48,8 +49,9 @@ class LSQFakeQuantize(nn.Module):
         torch.Size([8, 1])
     """
 
-    def __init__(self, fmt: str | Format, granularity: str | int = "tensor", axis: int = 0):
+    def __init__(self, fmt: str | Format, granularity: str | int = "tensor", axis: int = 0, nonfinite: str = "raise"):
         super().__init__()
+        self._init_nonfinite(nonfinite)
         self.fmt = get_format(fmt)
         self.granularity = granularity
         self.axis = axis
@@ -76,10 +78,15 @@ class LSQFakeQuantize(nn.Module):
 
         if shared and self.granularity != "tensor":
             raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
-        if not self.initialized:
+        xs = (x, *shared)
+        if self.training and all(t.numel() for t in xs):
+            # A NaN batch gives the learned scale a NaN gradient: "raise" stops here, naming
+            # this module; under "skip" the training loop must skip the optimizer step.
+            self._record_update(xs)
+        if not self.initialized and all(t.numel() for t in xs):
             joint = torch.cat([t.detach().reshape(-1) for t in (x, *shared)]) if shared else x.detach()
             self.initialize(joint)
-        if not self.fake_quant_enabled:
+        if not self.fake_quant_enabled or not self.initialized:  # (not initialized: only empty batches so far)
             return (x, *shared) if shared else x
         scale = self._positive(_scale_gradient(self.scale, self._grad_factor))
         out = tuple(fake_quantize(t, scale, self.zero_point, self.fmt, learn_scale=True) for t in (x, *shared))
@@ -106,12 +113,17 @@ class LSQFakeQuantize(nn.Module):
 
     def get_extra_state(self) -> dict:
         # Restored on load, so a resumed run keeps its learned scale instead of re-initialising.
-        return {"initialized": self.initialized, "grad_factor": getattr(self, "_grad_factor", None)}
+        return {
+            "initialized": self.initialized,
+            "grad_factor": getattr(self, "_grad_factor", None),
+            **self._nonfinite_state(),
+        }
 
     def set_extra_state(self, state: dict) -> None:
         self.initialized = bool(state.get("initialized", False))
         if state.get("grad_factor") is not None:
             self._grad_factor = float(state["grad_factor"])
+        self._load_nonfinite_state(state)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("scale", "zero_point"):  # shaped by the first estimate

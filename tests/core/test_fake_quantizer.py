@@ -63,14 +63,14 @@ def test_compiled_training_steps_match_eager(fmt, gran, method):
 
 
 def test_a_nan_batch_does_not_corrupt_the_scale():
-    fq = sq.FakeQuantizer("int8", "analytic", "channel").train()
+    fq = sq.FakeQuantizer("int8", "analytic", "channel", nonfinite="skip").train()
     fq(torch.randn(4, 32))
     good = fq.scale.clone()
     bad = torch.randn(4, 32)
     bad[1, 3] = float("nan")
     out = fq(bad)
     assert torch.isnan(out[1, 3])  # the NaN stays visible in the output (and the loss)
-    assert torch.equal(fq.scale[1], good[1]) and torch.isfinite(fq.scale).all()
+    assert torch.equal(fq.scale, good)  # the whole batch is skipped, not just the NaN's block
     fq(torch.zeros(4, 32))  # all-zero blocks: finite scale, exact zeros
     assert torch.isfinite(fq.scale).all() and (fq.scale > 0).all()
 
@@ -82,11 +82,11 @@ def test_bad_method_and_asymmetric_float():
         sq.FakeQuantizer("fp4_e2m1", symmetric=False)
 
 
-def test_cli_formats_and_demo(capsys):
+def test_cli_formats(capsys):
+    # (`statqat demo` runs end to end in tests/cli/test_demo.py.)
     assert cli_main(["formats"]) == 0
     out = capsys.readouterr().out
     assert "fp4_e2m1" in out and "nvfp4" in out
-    assert cli_main(["demo"]) == 0
 
 
 @pytest.mark.parametrize("method", ["iterative", "analytic", "minmax"])
