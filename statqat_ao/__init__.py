@@ -8,7 +8,7 @@ Example:
     True
 """
 
-from . import blocks, distributed, estimators, nonfinite
+from . import blocks, distributed, estimators, fsdp, nonfinite
 from .error_model import c_opt, gaussian_snr_db
 from .estimators import LSQFakeQuantize, estimate_qparams
 from .fake_quant import fake_quantize
@@ -39,6 +39,7 @@ __all__ = [
     "statqat_qconfig",
     "blocks",
     "distributed",
+    "fsdp",
     "estimators",
     "Format",
     "LSQFakeQuantize",

@@ -151,15 +151,8 @@ def ddp_off_run(rank: int) -> dict[str, torch.Tensor]:
         return ddp_run(rank)
 
 
-def fsdp_run(rank: int) -> dict:
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-
-    torch.manual_seed(0)
-    model = prepared(MLP(), mlp_qconfig())
-    full = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fully_shard(model)  # the root: the graph reads weights by get_attr, not by calling fc1
-    local = {n: p.to_local().shape for n, p in model.named_parameters() if isinstance(p, DTensor)}
+def weight_quantizer_inputs(model: nn.Module) -> dict:
+    """``{quantizer: (input type, input shape)}``, filled in by the forwards that follow."""
     seen = {}
 
     def record(name):
@@ -170,8 +163,39 @@ def fsdp_run(rank: int) -> dict:
 
     for name in ("fc1.weight_fake_quant", "fc2.weight_fake_quant"):
         model.get_submodule(name).register_forward_pre_hook(record(name))
+    return seen
+
+
+def fsdp_run(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    model = prepared(MLP(), mlp_qconfig())
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fully_shard(model)  # the root: the graph reads weights by get_attr, not by calling fc1
+    local = {n: p.to_local().shape for n, p in model.named_parameters() if isinstance(p, DTensor)}
+    seen = weight_quantizer_inputs(model)
     train(model, model.parameters(), rank)
     return {"scales": scales(model), "local_shapes": local, "full_shapes": {n: p.shape for n, p in full.items()}, "seen": seen}
+
+
+def fsdp_per_layer_run(rank: int) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from statqat_ao.fsdp import shard_per_module
+
+    torch.manual_seed(0)
+    model = prepared(MLP(), mlp_qconfig())
+    keys = list(model.state_dict())
+    shard_per_module(model, ["fc1", "fc2"])
+    assert list(model.state_dict()) == keys
+    units = {n: type(m).__name__ for n, m in model.named_modules() if n in ("", "fc1", "fc2")}
+    local = {n: p.to_local().shape for n, p in model.named_parameters() if isinstance(p, DTensor)}
+    seen = weight_quantizer_inputs(model)
+    train(model, model.parameters(), rank)
+    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    return {"scales": scales(model), "local_shapes": local, "seen": seen, "units": units, "params": params}
 
 
 def off_run(rank: int) -> dict:
@@ -206,6 +230,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             "ddp": ddp_run(rank),
             "ddp_off": ddp_off_run(rank),
             "fsdp": fsdp_run(rank),
+            "fsdp_per_layer": fsdp_per_layer_run(rank),
             "off": off_run(rank),
             "group_after": distributed.get_process_group() is not None,
         }
@@ -316,6 +341,22 @@ def test_fsdp2_sharded_weights_give_the_unsharded_scales(ranks):
     assert_ranks_identical([g["scales"] for g in got])
     assert_scales_close(got[0]["scales"], scales(model))
     assert got[0]["scales"]["fc1.weight_fake_quant.scale"].shape == (32, 1)
+
+
+def test_fsdp2_per_layer_units_give_the_unsharded_scales_and_updates(ranks):
+    got = [r["fsdp_per_layer"] for r in ranks]
+    assert len(got[0]["units"]) == 3 and all(v.startswith("FSDP") for v in got[0]["units"].values())  # fc1, fc2, root
+    assert got[0]["local_shapes"]["fc1.weight"] == torch.Size([16, 64])  # sharded at rest
+    assert got[0]["seen"]["fc1.weight_fake_quant"] == ("Parameter", (32, 64))  # whole in forward
+    assert got[0]["seen"]["fc2.weight_fake_quant"] == ("Parameter", (10, 32))
+    torch.manual_seed(0)
+    model = prepared(MLP(), mlp_qconfig())
+    train(model, model.parameters(), None)
+    assert_ranks_identical([g["scales"] for g in got])
+    assert_scales_close(got[0]["scales"], scales(model))
+    # The gradients were reduce-scattered per unit: SGD's updates equal one process's.
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[0]["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_off_switch_leaves_ddp_activation_scales_apart(ranks):
