@@ -34,6 +34,7 @@ from .estimators.iterative import least_squares_sums, least_squares_update
 from .fake_quant import fake_quantize
 from .formats import Format, get_format
 from .nonfinite import NonFiniteTracking, quantizer_name
+from .scale_formats import cap_scale, nvfp4_tensor_scale, round_scale
 
 ONLINE_METHODS = ("analytic", "iterative", "minmax", "octav")
 
@@ -43,20 +44,6 @@ def _joint(xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if all(t.shape == xs[0].shape for t in xs):
         return torch.stack([t.detach() for t in xs])  # keeps each operand's layout
     return torch.cat([t.detach().reshape(-1) for t in xs])
-
-
-def largest_scale(dtype: torch.dtype, fmt: Format, symmetric: bool) -> float:
-    """The largest scale whose every grid point is finite in ``dtype``.
-
-    Above it the fake quant's output, cast back to ``dtype``, would hold Inf (fp16's
-    range ends at 65504: an INT4 scale over 65504 / 8 puts code -8 beyond it).
-
-    Example:
-        >>> largest_scale(torch.float16, get_format("int4"), True)
-        8188.0
-    """
-    span = max(abs(fmt.qmin), abs(fmt.qmax)) if symmetric else fmt.qmax - fmt.qmin
-    return torch.finfo(dtype).max / span if dtype.is_floating_point else torch.finfo(torch.float32).max / span
 
 
 def _usable(s: torch.Tensor) -> torch.Tensor:
@@ -178,12 +165,11 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         estimated, fallback = _usable(s), _usable(s_mm)
         s = torch.where(finite & estimated, s, torch.where(finite & fallback, s_mm, previous.expand_as(s)))
         zp = torch.where(finite & estimated, zp, torch.where(finite & fallback, zp_mm, torch.zeros_like(zp)))
-        s = s.clamp(min=torch.finfo(torch.float32).tiny, max=largest_scale(x.dtype, self.fmt, self.symmetric))
+        s = s.clamp(min=torch.finfo(torch.float32).tiny)
         if self.fmt.is_block_format:
-            from .scale_formats import nvfp4_tensor_scale, round_scale
-
             ts = nvfp4_tensor_scale(tensor_abs_max(x)) if self.fmt.scale_format == "fp8_e4m3" else None
             s = round_scale(blocks, s, self.fmt, self.method, ts)
+        s = cap_scale(s, x.dtype, self.fmt, self.symmetric)
         if not warm:
             self.scale = layout.from_blocks(s).clone()
             self.zero_point = layout.from_blocks(zp.to(torch.int32)).clone()

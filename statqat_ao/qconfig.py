@@ -74,7 +74,7 @@ class QuantSpec:
 
             if not self.symmetric:
                 raise ValueError("LSQ here is symmetric; use symmetric=True or another method")
-            return LSQFakeQuantize(self.fmt, self.granularity, self.axis)
+            return LSQFakeQuantize(self.fmt, self.granularity, self.axis, is_activation=is_activation)
         from .torch_ao import StatQATFakeQuantize
 
         return StatQATFakeQuantize(self.fmt, self.method, self.granularity, self.axis, self.symmetric, is_activation)

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .estimators.common import block_sse
@@ -21,6 +23,38 @@ from .rounding import round_to_grid
 
 E4M3_MAX = 448.0
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
+
+
+def largest_scale(dtype: torch.dtype, fmt: Format, symmetric: bool) -> float:
+    """The largest scale whose every grid point is finite in ``dtype``.
+
+    Above it the fake quant's output, cast back to ``dtype``, would hold Inf (fp16's
+    range ends at 65504: an INT4 scale over 65504 / 8 puts code -8 beyond it).
+
+    Example:
+        >>> largest_scale(torch.float16, get_format("int4"), True)
+        8188.0
+    """
+    span = max(abs(fmt.qmin), abs(fmt.qmax)) if symmetric else fmt.qmax - fmt.qmin
+    return torch.finfo(dtype if dtype.is_floating_point else torch.float32).max / span
+
+
+def cap_scale(s: torch.Tensor, dtype: torch.dtype, fmt: Format, symmetric: bool = True) -> torch.Tensor:
+    """``s`` with every scale at most :func:`largest_scale`, kept on the scale's own grid.
+
+    E8M0 (MX) scales are capped at the largest power of two below the limit. NVFP4's
+    scales need no cap: its tensor scale puts the largest block at the tensor's max.
+
+    Example:
+        >>> cap_scale(torch.tensor([16384.0, 2.0]), torch.float16, get_format("mxfp4")).tolist()
+        [8192.0, 2.0]
+    """
+    if fmt.scale_format == "fp8_e4m3":
+        return s
+    cap = largest_scale(dtype, fmt, symmetric)
+    if fmt.scale_format == "e8m0":
+        cap = 2.0 ** math.floor(math.log2(cap))
+    return s.clamp(max=cap)
 
 
 def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:

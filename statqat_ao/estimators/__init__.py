@@ -87,6 +87,8 @@ def estimate_qparams(
         ValueError: unknown method or format, NaN/Inf in ``x``, an empty ``x``, a group
             size that does not divide the row length, asymmetric non-INT formats.
     """
+    from ..scale_formats import cap_scale
+
     fmt = get_format(fmt)
     if method not in ESTIMATORS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(ESTIMATORS)}")
@@ -98,6 +100,7 @@ def estimate_qparams(
             f"{fmt.family}. Use symmetric=True."
         )
     layout = block_layout(x.shape, granularity, axis, fmt, name)
+    dtype = x.dtype
     x = x.detach().float()
     check_finite(x, name)
     blocks = layout.to_blocks(x)
@@ -110,6 +113,7 @@ def estimate_qparams(
             # The tensor amax of every rank (the global amax under reduce_statistics).
             ts = nvfp4_tensor_scale(tensor_abs_max(x)) if fmt.scale_format == "fp8_e4m3" else None
             s = round_scale(blocks, s, fmt, method, ts)
+        s = cap_scale(s, dtype, fmt, symmetric)  # every grid point finite in x's dtype
     return layout.from_blocks(s), layout.from_blocks(zp.to(torch.int32))
 
 

@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
+from .. import distributed
 from ..block_stats import reduce_blocks_with_count
 from ..blocks import block_layout
 from ..formats import Format, get_format
@@ -49,8 +52,16 @@ class LSQFakeQuantize(NonFiniteTracking, nn.Module):
         torch.Size([8, 1])
     """
 
-    def __init__(self, fmt: str | Format, granularity: str | int = "tensor", axis: int = 0, nonfinite: str = "raise"):
+    def __init__(
+        self,
+        fmt: str | Format,
+        granularity: str | int = "tensor",
+        axis: int = 0,
+        nonfinite: str = "raise",
+        is_activation: bool | None = None,
+    ):
         super().__init__()
+        self.is_activation = is_activation  # None: a Parameter input is a weight
         self._init_nonfinite(nonfinite)
         self.fmt = get_format(fmt)
         self.granularity = granularity
@@ -61,10 +72,12 @@ class LSQFakeQuantize(NonFiniteTracking, nn.Module):
         self.fake_quant_enabled = True
 
     @torch.no_grad()
-    def initialize(self, x: torch.Tensor) -> None:
+    def initialize(self, x: torch.Tensor, group: Any = None) -> None:
+        """Set the scale from ``x``; with a process ``group``, from every rank's ``x`` together."""
         from . import estimate_qparams
 
-        s, zp = estimate_qparams(x, self.fmt, "lsq", self.granularity, self.axis)
+        with distributed.reduce_statistics(group) if group is not None else contextlib.nullcontext():
+            s, zp = estimate_qparams(x, self.fmt, "lsq", self.granularity, self.axis)
         # In place: an optimizer built before the first forward keeps training this Parameter.
         self.scale.data = s.to(self.scale.device)
         self.zero_point = zp
@@ -85,7 +98,9 @@ class LSQFakeQuantize(NonFiniteTracking, nn.Module):
             self._record_update(xs)
         if not self.initialized and all(t.numel() for t in xs):
             joint = torch.cat([t.detach().reshape(-1) for t in (x, *shared)]) if shared else x.detach()
-            self.initialize(joint)
+            # Activations start from the global batch in a multi-process run, like every
+            # other estimator's statistics; weights are whole on every rank already.
+            self.initialize(joint, distributed.statistics_group(self, x))
         if not self.fake_quant_enabled or not self.initialized:  # (not initialized: only empty batches so far)
             return (x, *shared) if shared else x
         scale = self._positive(_scale_gradient(self.scale, self._grad_factor))

@@ -198,6 +198,15 @@ def fsdp_per_layer_run(rank: int) -> dict:
     return {"scales": scales(model), "local_shapes": local, "seen": seen, "units": units, "params": params}
 
 
+def lsq_init_run(rank: int) -> dict:
+    x = half(activations(), rank)
+    activation = sq.LSQFakeQuantize("int8", is_activation=True)
+    activation(x)
+    weight = sq.LSQFakeQuantize("int4", "channel")
+    weight(nn.Parameter(x[:, :32].T.contiguous()))  # a Parameter: a weight, never reduced
+    return {"activation": activation.scale.detach().clone(), "weight": weight.scale.detach().clone()}
+
+
 def off_run(rank: int) -> dict:
     x = half(activations(), rank)
     explicit = sq.FakeQuantizer("int8", "analytic", process_group=dist.new_group([0, 1]))
@@ -231,6 +240,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             "ddp_off": ddp_off_run(rank),
             "fsdp": fsdp_run(rank),
             "fsdp_per_layer": fsdp_per_layer_run(rank),
+            "lsq_init": lsq_init_run(rank),
             "off": off_run(rank),
             "group_after": distributed.get_process_group() is not None,
         }
@@ -357,6 +367,17 @@ def test_fsdp2_per_layer_units_give_the_unsharded_scales_and_updates(ranks):
     # The gradients were reduce-scattered per unit: SGD's updates equal one process's.
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[0]["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_lsq_activation_scales_start_from_the_global_batch(ranks):
+    assert_ranks_identical([r["lsq_init"]["activation"] for r in ranks])
+    whole = sq.LSQFakeQuantize("int8", is_activation=True)
+    whole(activations())
+    torch.testing.assert_close(ranks[0]["lsq_init"]["activation"], whole.scale.detach(), rtol=RTOL, atol=0)
+    for rank, r in enumerate(ranks):  # weights: each rank's own tensor, not reduced
+        local = sq.LSQFakeQuantize("int4", "channel")
+        local(nn.Parameter(half(activations(), rank)[:, :32].T.contiguous()))
+        assert torch.equal(r["lsq_init"]["weight"], local.scale.detach())
 
 
 def test_off_switch_leaves_ddp_activation_scales_apart(ranks):

@@ -235,16 +235,33 @@ def test_values_near_float32_max(method, fmt):
 
 
 @pytest.mark.parametrize("method", ONLINE_METHODS)
-@pytest.mark.parametrize("fmt", ["int4", "fp4_e2m1", "nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["int4", "fp4_e2m1", "nf4", "int8", "fp8_e5m2", "mxfp4", "nvfp4"])
 def test_fp16_near_its_max_never_overflows_to_inf(method, fmt):
     torch.manual_seed(1)
     w = torch.randn(8, 64)
     w = (w / w.abs().max() * 65000).half()
-    fq = sq.FakeQuantizer(fmt, method, "tensor")
+    f = sq.get_format(fmt)
+    granularity = f.block_size or "tensor"
+    fq = sq.FakeQuantizer(fmt, method, granularity)
     out = fq(w)
+    offline_s, offline_zp = sq.estimate_qparams(w, fmt, method, granularity)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.isfinite(sq.fake_quantize(w, offline_s, offline_zp, fmt)).all()
     # Every grid point is finite in fp16, not only the ones this batch used.
-    assert (sq.get_format(fmt).grid_tensor().abs().max() * fq.scale <= 65504).all()
+    top = f.grid_tensor().abs().max()
+    assert (top * fq.scale <= 65504).all() and (top * offline_s <= 65504).all()
+
+
+def test_eval_mode_keeps_nan_and_saturates_inf_without_a_check():
+    """With statistics frozen nothing is estimated, so nothing is checked (no sync in
+    inference): NaN stays NaN and +-Inf saturate to the grid's ends, as QuantizeLinear does."""
+    for fmt in ["int8", "fp4_e2m1", "nf4", "fp8_e4m3"]:
+        fq = sq.FakeQuantizer(fmt, "analytic")
+        fq(torch.randn(64))
+        fq.eval()
+        out = fq(torch.tensor([float("inf"), float("-inf"), float("nan")]))
+        top, bottom = (sq.get_format(fmt).grid_tensor()[[-1, 0]] * fq.scale).tolist()
+        assert out[0].item() == pytest.approx(top) and out[1].item() == pytest.approx(bottom) and torch.isnan(out[2])
 
 
 def test_fp16_activations_that_overflow_raise_naming_the_module():
