@@ -80,6 +80,17 @@ def test_inf_in_activations_raises_naming_the_module_and_step(digits):
         model(bad)
 
 
+def test_nan_under_torch_ao_prepare_qat_fx_names_the_quantizer_after_name_quantizers():
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    model = sq.nonfinite.name_quantizers(prepare_qat_fx(MLP().train(), sq.statqat_qconfig, (torch.randn(4, 64),)))
+    model(torch.randn(4, 64))
+    bad = torch.randn(4, 64)
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"quantizer 'activation_post_process_0' saw 1 NaN .* input at statistics update 1"):
+        model(bad)
+
+
 def test_nan_in_lsq_activations_raises_before_its_scale_gets_a_nan_gradient():
     qconfig = sq.get_statqat_qconfig("int4", "int8", weight_method="lsq", activation_method="lsq")
     model = sq.prepare_qat_fx(MLP().train(), qconfig, example_inputs=(torch.randn(4, 64),))
