@@ -80,10 +80,18 @@ def test_inf_in_activations_raises_naming_the_module_and_step(digits):
         model(bad)
 
 
-def test_nan_under_torch_ao_prepare_qat_fx_names_the_quantizer_after_name_quantizers():
-    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+@pytest.mark.parametrize("flow", ["torch.ao prepare_qat_fx", "torchao PT2E"])
+def test_nan_under_torch_flows_names_the_quantizer_after_name_quantizers(flow):
+    example = (torch.randn(4, 64),)
+    if flow == "torchao PT2E":
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    model = sq.nonfinite.name_quantizers(prepare_qat_fx(MLP().train(), sq.statqat_qconfig, (torch.randn(4, 64),)))
+        model = prepare_qat_pt2e(torch.export.export(MLP().train(), example).module(), sq.StatQATQuantizer())
+    else:
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        model = prepare_qat_fx(MLP().train(), sq.statqat_qconfig, example)
+    sq.nonfinite.name_quantizers(model)
     model(torch.randn(4, 64))
     bad = torch.randn(4, 64)
     bad[0, 0] = float("nan")
