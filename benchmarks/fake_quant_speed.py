@@ -8,7 +8,12 @@ A Linear(4096 -> 1024) on x[256, 4096], forward + backward, each timed in one ru
 * torch.ao: ``get_default_qat_qconfig("x86")`` through ``prepare_qat_fx``, eager and
   compiled (the faster one is reported).
 
+The eager StatQAT step is timed twice: with the default ``nonfinite="raise"`` (one host
+sync per quantizer per training forward, to raise at the batch that holds NaN) and with
+``"skip"`` (no sync).
+
 Usage: python benchmarks/fake_quant_speed.py [--iters 30] [--device cpu]
+       [--tokens 256 --in-features 4096 --out-features 1024]
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ warnings.filterwarnings("ignore")
 
 
 class StatQATLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, nonfinite: str = "raise"):
         super().__init__()
         self.linear = linear
-        self.weight_fq = sq.FakeQuantizer("int4", "analytic", "channel")
-        self.act_fq = sq.FakeQuantizer("int8", "iterative", "tensor")
+        self.weight_fq = sq.FakeQuantizer("int4", "analytic", "channel", nonfinite=nonfinite)
+        self.act_fq = sq.FakeQuantizer("int8", "iterative", "tensor", nonfinite=nonfinite)
 
     def forward(self, x):
         w = self.weight_fq(self.linear.weight)
@@ -74,11 +79,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--in-features", type=int, default=4096)
+    parser.add_argument("--out-features", type=int, default=1024)
+    parser.add_argument(
+        "--exact-division", action="store_true",
+        help="compile with Inductor's IEEE-exact division (Triton's / is approximate on GPUs)",
+    )
     args = parser.parse_args()
+    if args.exact_division:
+        import torch._inductor.config as inductor_config
+        from cuda_checks import exact_division_setting
+
+        setting = exact_division_setting()
+        inductor_config.patch(setting).__enter__()  # for the whole run
+        print(f"Inductor: {setting}")
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    base = nn.Sequential(nn.Linear(4096, 1024)).to(dev)
-    x = torch.randn(256, 4096, device=dev)
+    base = nn.Sequential(nn.Linear(args.in_features, args.out_features)).to(dev)
+    x = torch.randn(args.tokens, args.in_features, device=dev)
 
     results = {}
     results["float (compiled)"] = time_step(torch.compile(copy.deepcopy(base)), x, args.iters)
@@ -87,6 +106,9 @@ def main() -> None:
         torch.compile(statqat, fullgraph=True), x, args.iters
     )
     results["StatQAT W4A8 (eager)"] = time_step(StatQATLinear(copy.deepcopy(base[0])).to(dev), x, args.iters)
+    results["StatQAT W4A8 (eager, nonfinite='skip')"] = time_step(
+        StatQATLinear(copy.deepcopy(base[0]), "skip").to(dev), x, args.iters
+    )
     ao_eager = time_step(torch_ao_qat(base, x), x, args.iters)
     results["torch.ao x86 QAT (eager)"] = ao_eager
     try:
@@ -95,8 +117,9 @@ def main() -> None:
         print(f"torch.ao compiled failed: {type(exc).__name__}: {exc}")
 
     ref = results["float (compiled)"]
-    print(f"\nLinear(4096->1024), x[256,4096], fwd+bwd, median of {args.iters} steps, "
-          f"{dev.type}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    print(f"\nLinear({args.in_features}->{args.out_features}), x[{args.tokens},{args.in_features}], "
+          f"fwd+bwd, median of {args.iters} steps, "
+          f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev.type}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
     print("| step | ms | ratio to float |\n|---|---|---|")
     for name, t in results.items():
         print(f"| {name} | {t * 1e3:.1f} | {t / ref:.2f}x |")

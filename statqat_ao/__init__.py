@@ -9,6 +9,7 @@ Example:
 """
 
 from . import blocks, distributed, estimators, fsdp, nonfinite
+from .compile_numerics import exact_division
 from .error_model import c_opt, gaussian_snr_db
 from .estimators import LSQFakeQuantize, estimate_qparams
 from .fake_quant import fake_quantize
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvertError",
+    "exact_division",
     "NonFiniteError",
     "check_finite",
     "nonfinite",

@@ -65,6 +65,9 @@ class NonFiniteTracking:
 
         Under the ``"raise"`` policy in eager mode, raise :class:`NonFiniteError` instead.
         """
+        if self.updates.device != xs[0].device:  # a quantizer used before .to(device)
+            for name in ("updates", "first_nonfinite_update", "nonfinite_updates"):
+                setattr(self, name, getattr(self, name).to(xs[0].device))
         finite = torch.isfinite(xs[0]).all()
         for t in xs[1:]:
             finite = finite & torch.isfinite(t).all()

@@ -30,7 +30,7 @@ def clip_in_sigmas(
 ) -> torch.Tensor:
     """c_opt per block: a constant for a fixed family, kurtosis-interpolated for ``"auto"``."""
     if family == "auto":
-        kurt, copt = kurtosis_to_c_opt_table(fmt, symmetric)
+        kurt, copt = kurtosis_to_c_opt_table(fmt.name, symmetric)  # a str: a constant to every torch.compile
         return _interp(kurtosis, kurt, copt)
     fam = GAUSSIAN if family == "gaussian" else family
     if not isinstance(fam, Family):

@@ -32,7 +32,7 @@ def octav_qparams(
     gmax = error_model_gmax(fmt, True)
     a = x.abs()
     sums, _, n = reduce_blocks_with_count(sums=[a * a])
-    clip = c_opt(fmt) * (sums[0] / n).sqrt()  # start from the Gaussian optimum
+    clip = c_opt(fmt.name) * (sums[0] / n).sqrt()  # start from the Gaussian optimum
     for _ in range(steps):
         inside = a <= clip[:, None]
         rel_step = grid_spacing(a * (gmax / clip[:, None]), fmt) / gmax
