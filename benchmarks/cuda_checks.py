@@ -48,23 +48,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double().cpu() - b.double().cpu()).abs() / b.double().cpu().abs().clamp(min=1e-30)).max().item()
 
 
-def parse_cases(argv: list[str]) -> list[tuple[str, object]]:
+def parse_args(argv: list[str]) -> tuple[list[tuple[str, object]], list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="*", help="format:granularity pairs (default: all)")
     parser.add_argument("--methods", nargs="*", default=METHODS)
     args = parser.parse_args(argv)
-    METHODS[:] = args.methods
-    if not args.cases:
-        return CASES
-    cases = []
-    for case in args.cases:
-        fmt, _, gran = case.partition(":")
-        cases.append((fmt, int(gran) if gran.isdigit() else (gran or None)))
-    return cases
+    cases = CASES
+    if args.cases:
+        cases = []
+        for case in args.cases:
+            fmt, _, gran = case.partition(":")
+            cases.append((fmt, int(gran) if gran.isdigit() else (gran or None)))
+    return cases, args.methods
 
 
 def main() -> int:
-    cases = parse_cases(sys.argv[1:])
+    cases, methods = parse_args(sys.argv[1:])
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 2
@@ -80,7 +79,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for fmt, gran in cases:
         granularity = gran or sq.get_format(fmt).block_size
-        for method in METHODS:
+        for method in methods:
             s_cpu, zp_cpu = sq.estimate_qparams(w, fmt, method, granularity)
             s_gpu, zp_gpu = sq.estimate_qparams(w.to(dev), fmt, method, granularity)
             scale_diff = rel(s_gpu, s_cpu)

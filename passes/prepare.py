@@ -223,5 +223,5 @@ def _initialize(gm: fx.GraphModule, inserter: _Inserter, example_inputs, example
         gm(*example_inputs, **(example_kwargs or {}))
     for m in gm.modules():  # the first training forward is statistics update 0 (step 0)
         if isinstance(m, NonFiniteTracking):
-            m.updates.zero_()
+            m.restart_update_count()
     gm.train(was_training)

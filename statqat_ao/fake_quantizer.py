@@ -30,6 +30,7 @@ from . import distributed
 from .block_stats import tensor_abs_max
 from .blocks import BlockLayout, Granularity, block_layout
 from .estimators import analytic_qparams, iterative_qparams, minmax_qparams, octav_qparams
+from .estimators.common import usable_scale
 from .estimators.iterative import least_squares_sums, least_squares_update
 from .fake_quant import fake_quantize
 from .formats import Format, get_format
@@ -44,10 +45,6 @@ def _joint(xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if all(t.shape == xs[0].shape for t in xs):
         return torch.stack([t.detach() for t in xs])  # keeps each operand's layout
     return torch.cat([t.detach().reshape(-1) for t in xs])
-
-
-def _usable(s: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(s) & (s > 0)
 
 
 class FakeQuantizer(NonFiniteTracking, nn.Module):
@@ -162,7 +159,7 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         # all-zero block. A batch holding NaN or Inf changes no scale at all.
         s_mm, zp_mm = minmax_qparams(blocks, self.fmt, self.symmetric) if self.method != "minmax" else (s, zp)
         previous = self.scale.reshape(-1).to(s.dtype) if warm else torch.ones_like(s)
-        estimated, fallback = _usable(s), _usable(s_mm)
+        estimated, fallback = usable_scale(s), usable_scale(s_mm)
         s = torch.where(finite & estimated, s, torch.where(finite & fallback, s_mm, previous.expand_as(s)))
         zp = torch.where(finite & estimated, zp, torch.where(finite & fallback, zp_mm, torch.zeros_like(zp)))
         s = s.clamp(min=torch.finfo(torch.float32).tiny)

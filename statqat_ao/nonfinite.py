@@ -13,7 +13,8 @@ scale it had. On top of that, its ``nonfinite`` policy says what else happens:
 * ``"skip"``: nothing is raised; the batch's statistics are dropped and the step is
   recorded. The output still carries the NaN, so the loss is NaN: skip the optimizer
   step in the training loop (``if not torch.isfinite(loss): continue``), as mixed
-  precision's loss scaling does, and the model continues exactly as before the batch.
+  precision's loss scaling does. Quantizers that saw only finite values (upstream of
+  the NaN) take their usual update on that forward.
 
 Example:
     >>> import torch, statqat_ao as sq
@@ -79,6 +80,11 @@ class NonFiniteTracking:
         if self.nonfinite == "raise" and not torch.compiler.is_compiling() and bool(bad):
             raise NonFiniteError(_message(self, xs, int(self.updates) - 1))
         return finite
+
+    def restart_update_count(self) -> None:
+        """Count the next statistics update as update 0 (prepare calls this after its
+        initialising forward, so updates number the training steps)."""
+        self.updates.zero_()
 
     def _nonfinite_state(self) -> dict:
         return {"updates": int(self.updates), "nonfinite_policy": self.nonfinite}

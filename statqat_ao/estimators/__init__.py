@@ -15,6 +15,7 @@ from ..blocks import Granularity, block_layout
 from ..distributed import narrowed_to
 from ..formats import Format, get_format
 from .analytic import analytic_qparams
+from .common import usable_scale
 from .iterative import iterative_qparams, least_squares_step
 from .lsq import LSQFakeQuantize, lsq_qparams
 from .minmax import minmax_qparams
@@ -87,7 +88,7 @@ def estimate_qparams(
         ValueError: unknown method or format, NaN/Inf in ``x``, an empty ``x``, a group
             size that does not divide the row length, asymmetric non-INT formats.
     """
-    from ..scale_formats import cap_scale
+    from ..scale_formats import cap_scale, nvfp4_tensor_scale, round_scale  # (imports estimators)
 
     fmt = get_format(fmt)
     if method not in ESTIMATORS:
@@ -108,8 +109,6 @@ def estimate_qparams(
         s, zp = ESTIMATORS[method](blocks, fmt, symmetric, **options)
         s = finalize_scale(blocks, s, fmt, symmetric)
         if fmt.is_block_format:
-            from ..scale_formats import nvfp4_tensor_scale, round_scale
-
             # The tensor amax of every rank (the global amax under reduce_statistics).
             ts = nvfp4_tensor_scale(tensor_abs_max(x)) if fmt.scale_format == "fp8_e4m3" else None
             s = round_scale(blocks, s, fmt, method, ts)
@@ -123,7 +122,7 @@ def finalize_scale(blocks: torch.Tensor, s: torch.Tensor, fmt: Format, symmetric
     A block whose estimate is not (an all-zero or constant-zero block) gets MinMax's
     scale, or 1.0 where that is zero too: zeros then quantize to exact zeros.
     """
-    bad = ~torch.isfinite(s) | (s <= 0)
+    bad = ~usable_scale(s)
     if bool(bad.any()):
         s_mm, _ = minmax_qparams(blocks, fmt, symmetric)
         fallback = torch.where(s_mm > 0, s_mm, torch.ones_like(s_mm))

@@ -21,6 +21,11 @@ def block_sse(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format) -
     return reduce_blocks(sums=[err * err])[0][0]
 
 
+def usable_scale(s: torch.Tensor) -> torch.Tensor:
+    """Which scales a quantizer can use as they are: finite and positive."""
+    return torch.isfinite(s) & (s > 0)
+
+
 def error_model_gmax(fmt: Format, symmetric: bool) -> float:
     """Largest value of the grid as the error model and the clip point see it."""
     return fmt.clip_code(symmetric)

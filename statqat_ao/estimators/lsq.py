@@ -92,19 +92,20 @@ class LSQFakeQuantize(NonFiniteTracking, nn.Module):
         if shared and self.granularity != "tensor":
             raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
         xs = (x, *shared)
-        if self.training and all(t.numel() for t in xs):
+        nonempty = all(t.numel() for t in xs)
+        if self.training and nonempty:
             # A NaN batch gives the learned scale a NaN gradient: "raise" stops here, naming
             # this module; under "skip" the training loop must skip the optimizer step.
             self._record_update(xs)
-        if not self.initialized and all(t.numel() for t in xs):
-            joint = torch.cat([t.detach().reshape(-1) for t in (x, *shared)]) if shared else x.detach()
+        if not self.initialized and nonempty:
+            joint = torch.cat([t.detach().reshape(-1) for t in xs]) if shared else x.detach()
             # Activations start from the global batch in a multi-process run, like every
             # other estimator's statistics; weights are whole on every rank already.
             self.initialize(joint, distributed.statistics_group(self, x))
         if not self.fake_quant_enabled or not self.initialized:  # (not initialized: only empty batches so far)
             return (x, *shared) if shared else x
         scale = self._positive(_scale_gradient(self.scale, self._grad_factor))
-        out = tuple(fake_quantize(t, scale, self.zero_point, self.fmt, learn_scale=True) for t in (x, *shared))
+        out = tuple(fake_quantize(t, scale, self.zero_point, self.fmt, learn_scale=True) for t in xs)
         return out if shared else out[0]
 
     @staticmethod

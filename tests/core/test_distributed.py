@@ -339,15 +339,21 @@ def test_ddp_qat_scales_equal_one_process_on_the_global_batch(ranks):
     assert_scales_close(ranks[0]["ddp"], scales(model))
 
 
+def single_process_mlp() -> nn.Module:
+    """The FSDP workers' model and steps, in one process on the whole batches."""
+    torch.manual_seed(0)
+    model = prepared(MLP(), mlp_qconfig())
+    train(model, model.parameters(), None)
+    return model
+
+
 def test_fsdp2_sharded_weights_give_the_unsharded_scales(ranks):
     got = [r["fsdp"] for r in ranks]
     # The parameters really are sharded along dim 0 (output channels) ...
     assert got[0]["local_shapes"]["fc1.weight"] == torch.Size([16, 64])
     # ... and the weight quantizers see the whole, all-gathered weight in forward.
     assert got[0]["seen"]["fc1.weight_fake_quant"] == ("Parameter", (32, 64))
-    torch.manual_seed(0)
-    model = prepared(MLP(), mlp_qconfig())
-    train(model, model.parameters(), None)
+    model = single_process_mlp()
     assert_ranks_identical([g["scales"] for g in got])
     assert_scales_close(got[0]["scales"], scales(model))
     assert got[0]["scales"]["fc1.weight_fake_quant.scale"].shape == (32, 1)
@@ -359,9 +365,7 @@ def test_fsdp2_per_layer_units_give_the_unsharded_scales_and_updates(ranks):
     assert got[0]["local_shapes"]["fc1.weight"] == torch.Size([16, 64])  # sharded at rest
     assert got[0]["seen"]["fc1.weight_fake_quant"] == ("Parameter", (32, 64))  # whole in forward
     assert got[0]["seen"]["fc2.weight_fake_quant"] == ("Parameter", (10, 32))
-    torch.manual_seed(0)
-    model = prepared(MLP(), mlp_qconfig())
-    train(model, model.parameters(), None)
+    model = single_process_mlp()
     assert_ranks_identical([g["scales"] for g in got])
     assert_scales_close(got[0]["scales"], scales(model))
     # The gradients were reduce-scattered per unit: SGD's updates equal one process's.

@@ -34,9 +34,10 @@ def digits():
     return x.flatten(1), y
 
 
-def prepared_mlp(method="analytic", seed=0):
+def prepared_mlp(qconfig=None, seed=0):
+    """The MLP prepared with ``qconfig`` (default: INT4 analytic weights, INT8 activations)."""
     torch.manual_seed(seed)
-    qconfig = sq.get_statqat_qconfig("int4", "int8", weight_method=method)
+    qconfig = qconfig or sq.get_statqat_qconfig("int4", "int8", weight_method="analytic")
     return sq.prepare_qat_fx(MLP().train(), qconfig, example_inputs=(torch.randn(4, 64),))
 
 
@@ -101,7 +102,7 @@ def test_nan_under_torch_flows_names_the_quantizer_after_name_quantizers(flow):
 
 def test_nan_in_lsq_activations_raises_before_its_scale_gets_a_nan_gradient():
     qconfig = sq.get_statqat_qconfig("int4", "int8", weight_method="lsq", activation_method="lsq")
-    model = sq.prepare_qat_fx(MLP().train(), qconfig, example_inputs=(torch.randn(4, 64),))
+    model = prepared_mlp(qconfig)
     model(torch.randn(4, 64))
     with pytest.raises(NonFiniteError, match=r"'fc1\.input_fake_quant' saw 64 NaN"):
         model(torch.full((4, 64), float("nan")).index_fill_(0, torch.tensor([1, 2, 3]), 0.0))
@@ -119,7 +120,7 @@ def test_skip_policy_keeps_the_scales_that_saw_nan_and_training_goes_on(digits):
     poisoned[5, 7] = float("nan")
 
     def run(with_bad_batch):
-        model = set_policy(prepared_mlp("analytic"), "skip")
+        model = set_policy(prepared_mlp(), "skip")
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         losses = []
         for i, (xb, yb) in enumerate(batches):
@@ -285,7 +286,7 @@ def test_eval_mode_keeps_nan_and_saturates_inf_without_a_check():
 
 def test_fp16_activations_that_overflow_raise_naming_the_module():
     qconfig = sq.get_statqat_qconfig("int8", "int8", activation_method="analytic")
-    model = sq.prepare_qat_fx(MLP().train(), qconfig, example_inputs=(torch.randn(4, 64),)).half()
+    model = prepared_mlp(qconfig).half()
     x = torch.randn(4, 64).half()
     model(x)
     with torch.no_grad():
@@ -393,7 +394,7 @@ def test_backend_refuses_a_format_it_cannot_express_before_writing_anything(tmp_
     from statqat_ao.backends.torchao import lower
 
     qconfig = sq.get_statqat_qconfig("fp6_e3m2", None)
-    model = sq.prepare_qat_fx(MLP().train(), qconfig, example_inputs=(torch.randn(4, 64),))
+    model = prepared_mlp(qconfig)
     converted = sq.convert(model.eval())
     with pytest.raises(UnsupportedModelError, match=r"fc1\.weight.*fp6_e3m2"):
         lower(converted, (torch.randn(2, 64),))
@@ -413,7 +414,7 @@ def test_a_lowered_artifact_that_disagrees_with_the_trained_model_raises(tmp_pat
     from statqat_ao.backends.parity import ParityError
 
     qconfig = sq.get_statqat_qconfig("int8", None)
-    model = sq.prepare_qat_fx(MLP().train(), qconfig, example_inputs=(torch.randn(4, 64),))
+    model = prepared_mlp(qconfig)
     converted = sq.convert(model.eval())
     inputs = (torch.randn(4, 64),)
     path = tmp_path / "m.onnx"

@@ -69,12 +69,17 @@ def per_element(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.repeat_interleave(x.shape[-1] // t.shape[-1], dim=-1)
 
 
+def quantized_elementwise(case, method):
+    """``(fmt, x, x_hat, s, zp)`` with the scale and zero point expanded to x's shape."""
+    fmt, _, x, _ = case
+    s, zp, x_hat = quantized(*case, method)
+    return fmt, x, x_hat, per_element(s, x), per_element(zp, x).float()
+
+
 @settings(max_examples=60, deadline=None)
 @given(cases(), METHODS)
 def test_codes_lie_on_the_grid(case, method):
-    fmt, _, x, _ = case
-    s, zp, x_hat = quantized(*case, method)
-    s, zp = per_element(s, x), per_element(zp, x).float()
+    fmt, x, x_hat, s, zp = quantized_elementwise(case, method)
     codes = x_hat / s + zp
     grid = fmt.grid_tensor()
     nearest = grid[(codes.unsqueeze(-1) - grid).abs().argmin(-1)]
@@ -84,9 +89,7 @@ def test_codes_lie_on_the_grid(case, method):
 @settings(max_examples=60, deadline=None)
 @given(cases(), METHODS)
 def test_error_inside_the_clip_range_is_at_most_half_a_step(case, method):
-    fmt, _, x, _ = case
-    s, zp, x_hat = quantized(*case, method)
-    s, zp = per_element(s, x), per_element(zp, x).float()
+    fmt, x, x_hat, s, zp = quantized_elementwise(case, method)
     v = x / s + zp  # in code units
     grid = fmt.grid_tensor()
     inside = (v >= grid[0]) & (v <= grid[-1])
