@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from statqat_ao.quantized import QuantizedParams
+from statqat_ao.quantizers.quantized import QuantizedParams
 
 from .parity import (
     ExportReport,

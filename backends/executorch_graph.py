@@ -35,8 +35,8 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 from torch import fx, nn
 
-from statqat_ao import codes
-from statqat_ao.quantized import QuantizedParams
+from statqat_ao.numerics import codes
+from statqat_ao.quantizers.quantized import QuantizedParams
 
 _QD = torch.ops.quantized_decomposed
 _QUANTIZE = (codes.quantize, torch.ops.statqat.quantize.default)

@@ -45,7 +45,7 @@ from statqat_ao.backends.parity import (
 )
 from torch import fx
 
-from statqat_ao.quantized import QuantizedParams
+from statqat_ao.quantizers.quantized import QuantizedParams
 
 BACKEND = "onnx"
 DEFAULT_OPSET = 21  # block-quantized (per group) DequantizeLinear and INT4/UINT4
@@ -322,8 +322,8 @@ def _translation_table() -> dict:
     from onnxscript import opset21 as op
     from onnxscript.values import Opset
 
-    from statqat_ao.codes import code_dtype
-    from statqat_ao.formats import get_format
+    from statqat_ao.numerics.codes import code_dtype
+    from statqat_ao.numerics.formats import get_format
 
     _register_marker_schemas()
     markers = Opset("statqat", 1)

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from statqat_ao.codes import code_table
-from statqat_ao.formats import Format, get_format
+from statqat_ao.numerics.codes import code_table
+from statqat_ao.numerics.formats import Format, get_format
 
 DOMAIN = "statqat"
 # Activation formats and the ONNX element type QuantizeLinear produces for them.
@@ -238,7 +238,7 @@ def _transposed_weights(graph: onnx.GraphProto, arrays: dict) -> dict[str, onnx.
 
 def _gather_weight(rw: _Rewriter, node: onnx.NodeProto, fmt: Format, layout: WeightLayout) -> None:
     """``table[codes]``, minus the zero point, times the scale: the float32 arithmetic of
-    ``statqat_ao.codes.dequantize`` step for step (the table values are exact)."""
+    ``statqat_ao.numerics.codes.dequantize`` step for step (the table values are exact)."""
     codes_name, scale_name, zp_name = node.input
     codes, scale, zp = (rw.array(n, node) for n in node.input)
     out = node.output[0]

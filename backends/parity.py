@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from statqat_ao.quantized import QuantizedParams
+from statqat_ao.quantizers.quantized import QuantizedParams
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ LINEAR_TARGETS = (torch._C._nn.linear, nn.functional.linear, torch.ops.aten.line
 def linear_weight_reads(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, str]]:
     """``(linear node, weight dequantize node, QuantizedParams path)`` of each Linear whose
     weight a converted model reads from codes (fx-traced or torch.export-traced graphs)."""
-    from statqat_ao.codes import dequantize
+    from statqat_ao.numerics.codes import dequantize
 
     found = []
     for node in gm.graph.nodes:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from statqat_ao.quantized import QuantizedParams
+from statqat_ao.quantizers.quantized import QuantizedParams
 
 from . import torchao_tensors as tt
 from .parity import (
@@ -100,10 +100,10 @@ def lower(
     check_formats(model, "torchao", lambda path, p: _unsupported(p) if path in linear_paths else None, SUPPORTED)
     if not reads:
         raise UnsupportedModelError(
-            "no Linear reads its weight from codes (statqat_ao.codes.dequantize on a QuantizedParams): "
+            "no Linear reads its weight from codes (statqat_ao.numerics.codes.dequantize on a QuantizedParams): "
             "nothing to lower. Quantize the Linear weights in the qconfig; a converted model reloaded with "
             "torch.load(whole module) has its weights folded to floats, save it with "
-            "statqat_ao.saved_model.save_converted instead"
+            "statqat_ao.tools.saved_model.save_converted instead"
         )
     gm = model if inplace else copy.deepcopy(model)
     lowered = []

@@ -1,6 +1,6 @@
 """torchao tensor subclasses built from a converted weight's codes and scales.
 
-One builder per torchao type; each takes a :class:`~statqat_ao.quantized.QuantizedParams`
+One builder per torchao type; each takes a :class:`~statqat_ao.quantizers.quantized.QuantizedParams`
 of a 2-D Linear weight and returns the torchao tensor holding the same codes and scales
 (nothing is re-estimated or re-rounded):
 
@@ -17,7 +17,7 @@ mxfp4                             ``MXTensor`` (emulated: dequantized to run) 0.
 
 Example:
     >>> import torch, statqat_ao as sq
-    >>> from statqat_ao.quantized import QuantizedParams
+    >>> from statqat_ao.quantizers.quantized import QuantizedParams
     >>> w = torch.randn(32, 64)
     >>> p = QuantizedParams.from_tensor(w, *sq.estimate_qparams(w, "int3", granularity=32), "int3")
     >>> t = intx_tensor(p)
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from statqat_ao.formats import get_format
-from statqat_ao.quantized import QuantizedParams
+from statqat_ao.numerics.formats import get_format
+from statqat_ao.quantizers.quantized import QuantizedParams
 
 INT4_PACKED_GROUPS = (32, 64, 128)  # what the CPU tinygemm kernel accepts
 

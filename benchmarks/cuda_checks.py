@@ -29,7 +29,7 @@ import sys
 import torch
 
 import statqat_ao as sq
-from statqat_ao.compile_numerics import exact_division_setting
+from statqat_ao.quantizers.exact_division import exact_division_setting
 
 CASES = [
     ("int4", "channel"),

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import statqat_ao as sq
-from statqat_ao.error_model import LAPLACE, student_t
+from statqat_ao.numerics.error_model import LAPLACE, student_t
 
 METHODS = {
     "minmax": {"method": "minmax"},

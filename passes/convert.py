@@ -3,7 +3,7 @@
 For every StatQAT quantizer in a prepared graph (ours, torch.ao's ``prepare_qat_fx``
 with our qconfig, or torchao's ``prepare_qat_pt2e`` with ``StatQATQuantizer``):
 
-* a weight quantizer becomes a :class:`~statqat_ao.quantized.QuantizedParams` holding the
+* a weight quantizer becomes a :class:`~statqat_ao.quantizers.quantized.QuantizedParams` holding the
   codes of the (BN-folded) weight, read through ``statqat::dequantize``; the float
   weight is dropped;
 * an activation quantizer becomes ``statqat::quantize`` -> ``statqat::dequantize``
@@ -22,10 +22,10 @@ import operator
 import torch
 from torch import fx, nn
 
-from statqat_ao.codes import dequantize, quantize
-from statqat_ao.estimators.lsq import LSQFakeQuantize
-from statqat_ao.fake_quantizer import FakeQuantizer
-from statqat_ao.quantized import QuantizedParams
+from statqat_ao.numerics.codes import dequantize, quantize
+from statqat_ao.quantizers.fake_quantizer import FakeQuantizer
+from statqat_ao.quantizers.lsq import LSQFakeQuantize
+from statqat_ao.quantizers.quantized import QuantizedParams
 
 from .constants import constant_value, is_constant
 from .fold_bn import FoldedBatchNorm
@@ -78,7 +78,7 @@ def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
 
     Returns:
         An eval-mode GraphModule whose quantized tensors are
-        :class:`~statqat_ao.quantized.QuantizedParams` modules (``<layer>.weight_quant``,
+        :class:`~statqat_ao.quantizers.quantized.QuantizedParams` modules (``<layer>.weight_quant``,
         ``<layer>.input_quant``, ...).
 
     Example:
@@ -144,7 +144,7 @@ def _to_eval(gm: fx.GraphModule) -> None:
     try:
         gm.eval()
     except NotImplementedError:  # a torch.export module (PT2E): torchao's own switch
-        from statqat_ao.pt2e import set_qat_mode
+        from statqat_ao.frontends.pt2e import set_qat_mode
 
         set_qat_mode(gm, False)
 

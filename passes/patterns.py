@@ -73,8 +73,8 @@ def op_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
 
 
 def is_float_by_design(mod: nn.Module) -> bool:
-    from statqat_ao.estimators.lsq import LSQFakeQuantize
-    from statqat_ao.fake_quantizer import FakeQuantizer
+    from statqat_ao.quantizers.fake_quantizer import FakeQuantizer
+    from statqat_ao.quantizers.lsq import LSQFakeQuantize
 
     from .fold_bn import FoldedBatchNorm
 

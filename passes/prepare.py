@@ -24,10 +24,10 @@ import warnings
 import torch
 from torch import fx, nn
 
-from statqat_ao.blocks import block_layout
-from statqat_ao.formats import get_format
-from statqat_ao.nonfinite import NonFiniteTracking
-from statqat_ao.qconfig import QuantSpec, StatQATQConfig, statqat_qconfig
+from statqat_ao.frontends.qconfig import QuantSpec, StatQATQConfig, statqat_qconfig
+from statqat_ao.numerics.blocks import block_layout
+from statqat_ao.numerics.formats import get_format
+from statqat_ao.quantizers.nonfinite import NonFiniteTracking
 
 from .constants import constant_value, get_attr, param_path
 from .fold_bn import fold_batchnorm
@@ -52,7 +52,7 @@ def _register(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
         name, k = f"{leaf}_{k}", k + 1
     parent.add_module(name, module)
     path = f"{parent_path}.{name}" if parent_path else name
-    module._statqat_name = path  # for error messages (statqat_ao.nonfinite)
+    module._statqat_name = path  # for error messages (statqat_ao.quantizers.nonfinite)
     return path
 
 

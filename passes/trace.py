@@ -26,10 +26,13 @@ class TraceError(RuntimeError):
 
 def _fx_failure_site(exc: BaseException) -> str:
     """The innermost frame of the model's own code in a tracing traceback."""
-    import statqat_ao
+    import statqat_ao.numerics
 
-    ours = tuple(
-        os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, statqat_ao, sys.modules[__package__])
+    core = os.path.dirname(os.path.dirname(os.path.abspath(statqat_ao.numerics.__file__)))  # statqat_ao/
+    ours = (
+        os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+        core + os.sep,
+        os.path.dirname(os.path.abspath(sys.modules[__package__].__file__)) + os.sep,
     )
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(ours)]
     if not frames:

@@ -8,18 +8,27 @@ Example:
     True
 """
 
-from . import blocks, distributed, estimators, fsdp, nonfinite
-from .compile_numerics import exact_division
-from .error_model import c_opt, gaussian_snr_db
-from .estimators import LSQFakeQuantize, estimate_qparams
-from .fake_quant import fake_quantize
-from .fake_quantizer import FakeQuantizer
-from .formats import Format, get_format, known_formats
-from .metrics import snr_db
-from .nonfinite import NonFiniteError, check_finite
-from .passes import ConvertError, TraceError, convert, prepare_qat_fx
-from .qconfig import QuantSpec, StatQATQConfig, get_statqat_qconfig, statqat_qconfig
-from .quantized import QuantizedParams
+from statqat_ao import estimators  # the package of estimators, as sq.estimators
+from statqat_ao.estimators import estimate_qparams
+from statqat_ao.frontends.qconfig import (
+    QuantSpec,
+    StatQATQConfig,
+    get_statqat_qconfig,
+    statqat_qconfig,
+)
+from statqat_ao.numerics import blocks
+from statqat_ao.numerics.error_model import c_opt, gaussian_snr_db
+from statqat_ao.numerics.formats import Format, get_format, known_formats
+from statqat_ao.numerics.metrics import snr_db
+from statqat_ao.parallel import distributed, fsdp
+from statqat_ao.passes import ConvertError, TraceError, convert, prepare_qat_fx
+from statqat_ao.quantizers import nonfinite
+from statqat_ao.quantizers.exact_division import exact_division
+from statqat_ao.quantizers.fake_quant import fake_quantize
+from statqat_ao.quantizers.fake_quantizer import FakeQuantizer
+from statqat_ao.quantizers.lsq import LSQFakeQuantize
+from statqat_ao.quantizers.nonfinite import NonFiniteError, check_finite
+from statqat_ao.quantizers.quantized import QuantizedParams
 
 __version__ = "0.1.0"
 
@@ -59,7 +68,7 @@ def __getattr__(name: str):
     # The PT2E quantizer imports torchao (seconds, and CUDA-library warnings on CPU):
     # loaded on first use only.
     if name == "StatQATQuantizer":
-        from .pt2e import StatQATQuantizer
+        from statqat_ao.frontends.pt2e import StatQATQuantizer
 
         return StatQATQuantizer
     raise AttributeError(f"module 'statqat_ao' has no attribute {name!r}")

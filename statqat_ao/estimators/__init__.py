@@ -1,144 +1,37 @@
-"""Scale estimators and the one entry point, :func:`estimate_qparams`.
+"""Scale estimators, one registry, and the one entry point, :func:`estimate_qparams`.
 
 Methods: ``minmax`` (baseline), ``analytic`` and ``iterative`` (StatQAT), ``mse``
-(exhaustive search: the reference limit), ``octav`` and ``lsq`` (baselines).
+(exhaustive search: the reference limit), ``octav`` and ``lsq`` (baselines). Each file
+defines one method and registers it (:mod:`statqat_ao.estimators.registry`); the import
+order below is the order ``ESTIMATORS`` lists them in.
 """
 
+# ruff: noqa: I001 (the imports below run in registration order: see the docstring)
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-
-from ..block_stats import tensor_abs_max
-from ..blocks import Granularity, block_layout
-from ..distributed import narrowed_to
-from ..formats import Format, get_format
-from .analytic import analytic_qparams
-from .common import usable_scale
-from .iterative import iterative_qparams, least_squares_step
-from .lsq import LSQFakeQuantize, lsq_qparams
 from .minmax import minmax_qparams
+from .analytic import analytic_qparams
+from .iterative import iterative_qparams, least_squares_step
 from .mse_search import mse_qparams
 from .octav import octav_qparams
-
-Estimator = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-ESTIMATORS: dict[str, Estimator] = {
-    "minmax": minmax_qparams,
-    "analytic": analytic_qparams,
-    "iterative": iterative_qparams,
-    "mse": mse_qparams,
-    "octav": octav_qparams,
-    "lsq": lsq_qparams,
-}
-
-
-def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise ValueError if ``x`` holds NaN or Inf (a scale from it would be NaN)."""
-    if not torch.isfinite(x).all():
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise ValueError(
-            f"{name} holds {n_nan} NaN and {n_inf} Inf values out of {x.numel()}: "
-            "a scale estimated from it would be NaN. Find where they come from "
-            "(overflow, a bad batch) before quantizing."
-        )
-
-
-def estimate_qparams(
-    x: torch.Tensor,
-    fmt: str | Format,
-    method: str = "analytic",
-    granularity: Granularity | None = "tensor",
-    axis: int = 0,
-    symmetric: bool = True,
-    name: str = "input",
-    **options,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Estimate the scale and zero point that quantize ``x`` to ``fmt``.
-
-    Args:
-        x: floating-point tensor (bf16/fp16 statistics are computed in float32).
-        fmt: a format name or :class:`~statqat_ao.formats.Format`.
-        method: one of ``minmax``, ``analytic``, ``iterative``, ``mse``, ``octav``, ``lsq``.
-        granularity: ``"tensor"``, ``"channel"`` (along ``axis``) or an int group size
-            (consecutive elements of each row along axis 0). Block formats (MXFP4,
-            NVFP4) use their own block size.
-        axis: the channel axis.
-        symmetric: zero point 0. Asymmetric quantizers (integer zero point) need an INT format.
-        name: what to call ``x`` in error messages (a module or tensor name).
-        **options: method options, e.g. ``steps=`` and ``init=`` for ``iterative``,
-            ``family=`` for ``analytic``.
-
-    Returns:
-        ``(scale, zero_point)``: float32 scale (finite, positive) and int32 zero point,
-        shaped to broadcast against ``x`` (per tensor, per channel) or to group it (per
-        group: ``[rows, row_len // group_size]``). Block formats return the effective
-        scale, already rounded to their scale format.
-
-    Example:
-        >>> import torch, statqat_ao as sq
-        >>> w = torch.randn(64, 128)
-        >>> s, zp = sq.estimate_qparams(w, "int4", "analytic", granularity="channel")
-        >>> s.shape, zp.dtype
-        (torch.Size([64, 1]), torch.int32)
-
-    Raises:
-        ValueError: unknown method or format, NaN/Inf in ``x``, an empty ``x``, a group
-            size that does not divide the row length, asymmetric non-INT formats.
-    """
-    from ..scale_formats import cap_scale, nvfp4_tensor_scale, round_scale  # (imports estimators)
-
-    fmt = get_format(fmt)
-    if method not in ESTIMATORS:
-        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(ESTIMATORS)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not symmetric and fmt.family != "int":
-        raise ValueError(
-            f"asymmetric quantization needs an INT format (integer zero point); {fmt.name} is "
-            f"{fmt.family}. Use symmetric=True."
-        )
-    layout = block_layout(x.shape, granularity, axis, fmt, name)
-    dtype = x.dtype
-    x = x.detach().float()
-    check_finite(x, name)
-    blocks = layout.to_blocks(x)
-    with narrowed_to(layout):  # under distributed.reduce_statistics: only blocks spanning ranks
-        s, zp = ESTIMATORS[method](blocks, fmt, symmetric, **options)
-        s = finalize_scale(blocks, s, fmt, symmetric)
-        if fmt.is_block_format:
-            # The tensor amax of every rank (the global amax under reduce_statistics).
-            ts = nvfp4_tensor_scale(tensor_abs_max(x)) if fmt.scale_format == "fp8_e4m3" else None
-            s = round_scale(blocks, s, fmt, method, ts)
-        s = cap_scale(s, dtype, fmt, symmetric)  # every grid point finite in x's dtype
-    return layout.from_blocks(s), layout.from_blocks(zp.to(torch.int32))
-
-
-def finalize_scale(blocks: torch.Tensor, s: torch.Tensor, fmt: Format, symmetric: bool) -> torch.Tensor:
-    """Make every scale finite and positive.
-
-    A block whose estimate is not (an all-zero or constant-zero block) gets MinMax's
-    scale, or 1.0 where that is zero too: zeros then quantize to exact zeros.
-    """
-    bad = ~usable_scale(s)
-    if bool(bad.any()):
-        s_mm, _ = minmax_qparams(blocks, fmt, symmetric)
-        fallback = torch.where(s_mm > 0, s_mm, torch.ones_like(s_mm))
-        s = torch.where(bad, fallback, s)
-    return s.clamp(min=torch.finfo(torch.float32).tiny)
-
+from .lsq import lsq_qparams
+from .estimate import estimate_qparams, finalize_scale
+from .registry import ESTIMATORS, Estimator, OnlineStep, get_estimator, online_methods, register
 
 __all__ = [
     "ESTIMATORS",
-    "LSQFakeQuantize",
+    "Estimator",
+    "OnlineStep",
     "analytic_qparams",
     "estimate_qparams",
+    "finalize_scale",
+    "get_estimator",
     "iterative_qparams",
     "least_squares_step",
     "lsq_qparams",
     "minmax_qparams",
     "mse_qparams",
     "octav_qparams",
+    "online_methods",
+    "register",
 ]

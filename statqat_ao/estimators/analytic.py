@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from ..block_stats import reduce_blocks_with_count
-from ..error_model import GAUSSIAN, Family, c_opt, kurtosis_to_c_opt_table
-from ..formats import Format
+from statqat_ao.numerics.block_stats import reduce_blocks_with_count
+from statqat_ao.numerics.error_model import GAUSSIAN, Family, c_opt, kurtosis_to_c_opt_table
+from statqat_ao.numerics.formats import Format
+
 from .common import centered_zero_point, error_model_gmax
+from .registry import Estimator, each_step, register
 
 
 def _interp(x: torch.Tensor, xp: tuple[float, ...], fp: tuple[float, ...]) -> torch.Tensor:
@@ -67,3 +69,6 @@ def analytic_qparams(
         return s, torch.zeros_like(s)
     s = torch.minimum(s, (maxima[0].clamp(min=0) + maxima[1].clamp(min=0)) / (fmt.qmax - fmt.qmin))
     return s, centered_zero_point(mean, s, fmt)
+
+
+register(Estimator("analytic", analytic_qparams, online=each_step(analytic_qparams)))

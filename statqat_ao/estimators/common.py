@@ -1,24 +1,10 @@
-"""Helpers shared by the estimators: quantize a block view, measure its error."""
+"""Helpers shared by the estimators: usable scales, the grid's clip code, zero points."""
 
 from __future__ import annotations
 
 import torch
 
-from ..block_stats import per_block, reduce_blocks
-from ..formats import Format
-from ..rounding import round_to_grid
-
-
-def centered_codes(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Grid values minus zero point: ``x ~ s * codes``. ``x`` is ``[B, ...]``, ``s``/``zp`` are ``[B]``."""
-    s, zp = per_block(s, x), per_block(zp, x)
-    return round_to_grid(x / s + zp, fmt) - zp
-
-
-def block_sse(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Per-block sum of squared quantization error, ``[B]``."""
-    err = x - per_block(s, x) * centered_codes(x, s, zp, fmt)
-    return reduce_blocks(sums=[err * err])[0][0]
+from statqat_ao.numerics.formats import Format
 
 
 def usable_scale(s: torch.Tensor) -> torch.Tensor:

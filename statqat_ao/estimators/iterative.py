@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from ..block_stats import reduce_blocks
-from ..formats import Format
+from statqat_ao.numerics.block_error import block_sse, centered_codes
+from statqat_ao.numerics.block_stats import reduce_blocks
+from statqat_ao.numerics.formats import Format
+
 from .analytic import analytic_qparams
-from .common import block_sse, centered_codes
 from .minmax import minmax_qparams
+from .registry import Estimator, OnlineStep, register
 
 DEFAULT_STEPS = 8
 DEFAULT_STARTS = (1.0, 0.8, 1.2)
@@ -96,3 +98,24 @@ def iterative_qparams(
         better = err < best_err
         best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
     return best_s, zp
+
+
+def iterative_step(step: OnlineStep) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's QAT update: one least-squares step warm-started from the last scale.
+
+    The first estimate (a cold start) runs the full offline estimator. The sums add
+    over the operands of a shared quantizer, so they need not be joined into one tensor.
+    """
+    if not step.warm:
+        return iterative_qparams(step.blocks, step.fmt, step.symmetric)
+    zp = step.zero_point.float()
+    num, den = least_squares_sums(step.blocks, step.scale, zp, step.fmt)
+    for t in step.shared:
+        n, d = least_squares_sums(t.detach().float().unsqueeze(0), step.scale, zp, step.fmt)
+        num, den = num + n, den + d
+    return least_squares_update(num, den, step.scale), step.zero_point
+
+
+register(
+    Estimator("iterative", iterative_qparams, online=iterative_step, keeps_zero_point=True, sums_shared_operands=True)
+)

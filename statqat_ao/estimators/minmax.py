@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..block_stats import reduce_blocks
-from ..formats import Format
+from statqat_ao.numerics.block_stats import reduce_blocks
+from statqat_ao.numerics.formats import Format
+
+from .registry import Estimator, each_step, register
 
 
 def minmax_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,3 +26,6 @@ def minmax_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch
     safe = torch.where(s > 0, s, torch.ones_like(s))
     zp = (fmt.qmin - torch.round(lo / safe)).clamp(fmt.qmin, fmt.qmax)
     return s, zp
+
+
+register(Estimator("minmax", minmax_qparams, online=each_step(minmax_qparams), standard_scale_rounding=True))

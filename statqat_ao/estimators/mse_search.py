@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ..block_stats import reduce_blocks
-from ..formats import Format
-from .common import block_sse
+from statqat_ao.numerics.block_error import block_sse
+from statqat_ao.numerics.block_stats import reduce_blocks
+from statqat_ao.numerics.formats import Format
+
 from .minmax import minmax_qparams
+from .registry import Estimator, register
 
 
 def _best_ratio(x, s_mm, zp_for, fmt, ratios):
@@ -65,3 +67,6 @@ def mse_qparams(
         best = torch.where(better, cand, best)
     s = s_mm * best
     return s, zp_for(s)
+
+
+register(Estimator("mse", mse_qparams))  # a search over many scales: offline only

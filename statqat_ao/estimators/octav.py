@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from ..block_stats import reduce_blocks, reduce_blocks_with_count
-from ..error_model import c_opt
-from ..formats import Format
-from ..rounding import grid_spacing
+from statqat_ao.numerics.block_stats import reduce_blocks, reduce_blocks_with_count
+from statqat_ao.numerics.error_model import c_opt
+from statqat_ao.numerics.formats import Format
+from statqat_ao.numerics.rounding import grid_spacing
+
 from .common import error_model_gmax
+from .registry import Estimator, OnlineStep, register
 
 DEFAULT_STEPS = 20
 
@@ -44,3 +46,11 @@ def octav_qparams(
         clip = torch.where((den > 0) & (new > 0), new, clip)
     s = clip / gmax
     return s, torch.zeros_like(s)
+
+
+def octav_step(step: OnlineStep) -> tuple[torch.Tensor, torch.Tensor]:
+    """OCTAV in QAT: its full fixed-point iteration on every training batch."""
+    return octav_qparams(step.blocks.reshape(step.blocks.shape[0], -1), step.fmt, step.symmetric)
+
+
+register(Estimator("octav", octav_qparams, online=octav_step, symmetric_only=True))

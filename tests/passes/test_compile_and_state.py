@@ -9,7 +9,7 @@ from helpers import MLP, digits, same_bits
 from torch import nn
 
 import statqat_ao as sq
-from statqat_ao.models import DigitsCNN, TransformerBlock
+from statqat_ao.tools.models import DigitsCNN, TransformerBlock
 
 
 def _cnn():
@@ -140,7 +140,7 @@ def test_loaded_uninitialised_quantizer_stays_uninitialised():
 def test_prepared_models_pickle_whole_with_future_annotations():
     # models.py uses `from __future__ import annotations`: fx keeps those annotations as
     # strings its generated code cannot import, and the BN fold must stay one call when
-    # fx re-traces the code on load. (Converted models: statqat_ao.saved_model, because
+    # fx re-traces the code on load. (Converted models: statqat_ao.tools.saved_model, because
     # fx's re-trace folds the weight dequantize of constant codes into a float constant.)
     x = digits()[2][:16]
     prepared = sq.prepare_qat_fx(DigitsCNN(), sq.statqat_qconfig, (digits()[0][:64],))

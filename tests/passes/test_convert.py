@@ -9,8 +9,9 @@ from statqat_ao.passes.convert import ConvertError
 from torch import nn
 
 import statqat_ao as sq
-from statqat_ao.codes import code_table
-from statqat_ao.models import DigitsCNN, TransformerBlock
+from statqat_ao.numerics import codes
+from statqat_ao.numerics.codes import code_table
+from statqat_ao.tools.models import DigitsCNN, TransformerBlock
 
 QCONFIGS = {
     "w4a8": sq.statqat_qconfig,
@@ -52,7 +53,7 @@ def test_convert_replaces_float_weights_by_codes_and_folds_batchnorm():
     targets = {str(n.target) for n in converted.graph.nodes}
     assert not any("FakeQuant" in t or "fake_quant" in t for t in targets)
     ops = [n.target for n in converted.graph.nodes if n.op == "call_function"]
-    assert sq.codes.quantize in ops and sq.codes.dequantize in ops
+    assert codes.quantize in ops and codes.dequantize in ops
 
 
 def _shrink_output(qat, x, opt, steps=3):
@@ -102,7 +103,7 @@ def test_convert_of_torch_ao_prepared_model_uses_the_same_modules():
 def test_convert_of_pt2e_prepared_model():
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from statqat_ao.pt2e import set_qat_mode
+    from statqat_ao.frontends.pt2e import set_qat_mode
 
     x = digits()[0][:64]
     exported = torch.export.export(MLP(), (x,)).module()

@@ -10,10 +10,16 @@ import torch
 from torch import nn
 
 import statqat_ao as sq
-from statqat_ao.estimators import ESTIMATORS
-from statqat_ao.fake_quantizer import ONLINE_METHODS
-from statqat_ao.models import load_digits_split
-from statqat_ao.nonfinite import NonFiniteError, check_finite, nonfinite_report, set_policy
+from statqat_ao.estimators import ESTIMATORS, online_methods
+from statqat_ao.quantizers.nonfinite import (
+    NonFiniteError,
+    check_finite,
+    nonfinite_report,
+    set_policy,
+)
+from statqat_ao.tools.models import load_digits_split
+
+ONLINE_METHODS = online_methods()
 
 FORMATS = ["int4", "int8", "fp4_e2m1", "nf4", "fp8_e4m3"]
 
@@ -151,7 +157,7 @@ def test_skip_policy_keeps_the_scales_that_saw_nan_and_training_goes_on(digits):
 def test_a_skipped_nan_batch_leaves_folded_batch_norm_statistics_alone():
     """prepare folds BN into the conv weight through the running variance, so a NaN
     running variance would poison every later step: a non-finite batch does not update it."""
-    from statqat_ao.models import DigitsCNN
+    from statqat_ao.tools.models import DigitsCNN
 
     x, _, _, _ = load_digits_split()
     model = set_policy(sq.prepare_qat_fx(DigitsCNN(), sq.statqat_qconfig, (x[:64],)), "skip").train()
@@ -304,6 +310,108 @@ def test_bf16_inputs_get_the_float32_statistics_of_their_values(method):
     fq32(w.float())
     assert out.dtype == torch.bfloat16
     assert torch.equal(fq16.scale, fq32.scale)
+
+
+# --- float64 inputs ---------------------------------------------------------------------
+
+FLOAT64_FORMATS = ["int4", "int8", "fp4_e2m1", "nf4", "fp8_e4m3", "mxfp4", "nvfp4"]
+
+
+def relative_gap(a, b):
+    return ((a.double() - b.double()).abs() / b.double().abs()).max().item()
+
+
+FLOAT64_CASES = [
+    (fmt, g)
+    for fmt in FLOAT64_FORMATS
+    for g in ([None] if sq.get_format(fmt).is_block_format else ["tensor", "channel", 32])  # MX / NV: own blocks
+]
+
+
+@pytest.mark.parametrize("method", list(ESTIMATORS))
+@pytest.mark.parametrize(("fmt", "granularity"), FLOAT64_CASES)
+def test_float64_tensors_get_the_float32_scale_of_their_values(method, fmt, granularity):
+    """Before: every method raised 'value cannot be converted to type float without
+    overflow' from cap_scale, which clamped a float32 scale with float64's cap."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, dtype=torch.float64) * 3
+    s64, zp64 = sq.estimate_qparams(x, fmt, method, granularity)
+    s32, zp32 = sq.estimate_qparams(x.float(), fmt, method, granularity)
+    assert s64.dtype == torch.float32 and s64.shape == s32.shape
+    assert relative_gap(s64, s32) <= 1e-6 and torch.equal(zp64, zp32)
+    out = sq.fake_quantize(x, s64, zp64, fmt)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, sq.fake_quantize(x.float(), s32, zp32, fmt).double())
+
+
+@pytest.mark.parametrize("method", ONLINE_METHODS)
+@pytest.mark.parametrize("fmt", ["int4", "fp4_e2m1", "nvfp4"])
+def test_a_fake_quantizer_fed_float64_trains_like_float32(method, fmt):
+    torch.manual_seed(0)
+    granularity = sq.get_format(fmt).block_size or "channel"
+    fq64, fq32 = sq.FakeQuantizer(fmt, method, granularity), sq.FakeQuantizer(fmt, method, granularity)
+    for _ in range(3):
+        w = torch.randn(16, 64, dtype=torch.float64, requires_grad=True)
+        out = fq64(w)
+        fq32(w.detach().float())
+        assert out.dtype == torch.float64
+        out.sum().backward()
+        assert w.grad.dtype == torch.float64
+        assert relative_gap(fq64.scale, fq32.scale) <= 1e-6
+
+
+def test_a_float64_model_prepares_trains_and_converts(digits):
+    x, y = digits
+    model = prepared_mlp().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for i in range(3):
+        loss = step(model, opt, x[64 * i : 64 * (i + 1)].double(), y[64 * i : 64 * (i + 1)])
+        assert loss.dtype == torch.float64 and torch.isfinite(loss)
+    model.eval()
+    expected = model(x[:64].double())
+    assert torch.equal(sq.convert(model)(x[:64].double()), expected)
+
+
+@pytest.mark.parametrize("method", list(ESTIMATORS))
+def test_float64_values_beyond_float32_range_are_refused_by_name(method):
+    x = torch.randn(4, 32, dtype=torch.float64)
+    x[1, 3] = 1e300
+    with pytest.raises(ValueError, match=r"layer.weight holds 1 float64 values beyond float32's range.*Rescale"):
+        sq.estimate_qparams(x, "int4", method, name="layer.weight")
+
+
+@pytest.mark.parametrize("method", ONLINE_METHODS)
+def test_a_fake_quantizer_refuses_float64_values_beyond_float32_range(method):
+    fq = sq.FakeQuantizer("int4", method, "tensor")
+    fq(torch.randn(4, 32, dtype=torch.float64))
+    before = fq.scale.clone()
+    big = torch.randn(4, 32, dtype=torch.float64)
+    big[0, 0] = -1e200
+    with pytest.raises(NonFiniteError, match=r"0 NaN and 0 Inf values and 1 float64 values beyond float32's range"):
+        fq(big)
+    assert torch.equal(fq.scale, before)
+    fq.nonfinite = "skip"
+    fq(big)
+    assert torch.equal(fq.scale, before) and int(fq.nonfinite_updates) == 2
+
+
+@pytest.mark.parametrize("method", [*ONLINE_METHODS, "mse"])
+def test_float64_near_float32_max_and_below_float32_tiny(method):
+    """Within float32's range the float32 rows hold: near its max, finite scales and output;
+    below its smallest normal, zeros with a finite scale (as float32 denormals flush)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 64, dtype=torch.float64)
+    near_max = w / w.abs().max() * 3.3e38
+    tiny = w * 1e-300
+    for x in (near_max, tiny):
+        if method == "mse":
+            s, zp = sq.estimate_qparams(x, "int4", method)
+            out = sq.fake_quantize(x, s, zp, "int4")
+        else:
+            fq = sq.FakeQuantizer("int4", method, "tensor")
+            out, s = fq(x), fq.scale
+        assert torch.isfinite(s).all() and (s > 0).all() and torch.isfinite(out).all()
+    assert torch.equal(out, torch.zeros_like(tiny))
 
 
 # --- batch shapes ------------------------------------------------------------------------

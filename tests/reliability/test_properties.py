@@ -1,7 +1,7 @@
 """Property tests of the fake quant, over formats, granularities, shapes and distributions.
 
 The estimator properties (finite positive scales, equivariance under positive scaling,
-one least-squares step never raising the MSE) live in tests/core/test_estimators.py;
+one least-squares step never raising the MSE) live in tests/estimators/test_estimators.py;
 these are the quantizer's own: codes on the grid, the half-step bound, idempotence,
 compiled equals eager, and online scales that stay finite and positive over steps.
 """
@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import statqat_ao as sq
-from statqat_ao.fake_quantizer import ONLINE_METHODS
+from statqat_ao.estimators import online_methods
+
+ONLINE_METHODS = online_methods()
 
 ALL_FORMATS = st.sampled_from(sq.known_formats())
 GRANULARITY = st.sampled_from(["tensor", "channel", 16, 32])

@@ -1,0 +1,231 @@
+"""A fake-quantize module whose scale comes from a StatQAT estimator.
+
+Statistics update once per training forward (``analytic``: one reduction pass;
+``iterative``: one least-squares step warm-started from the previous scale; ``minmax``
+for reference) and are frozen in eval. A training forward quantizes with the scale the
+module holds and then updates it from the batch (the very first forward estimates
+first): the fake quant and the statistics do not wait on each other, so a compiled graph
+reads the tensor in one fused pass, and for ``iterative`` the least-squares step uses
+exactly the codes the forward produced. The scale a batch is quantized with is therefore
+one step behind its statistics, as with a learned (LSQ) scale. Everything on the training path is branch-free
+on tensor values and the flags are Python bools, so ``torch.compile(fullgraph=True)``
+traces it whole.
+
+Example:
+    >>> import torch
+    >>> fq = FakeQuantizer("int4", method="analytic", granularity="channel")
+    >>> w = torch.randn(32, 64, requires_grad=True)
+    >>> fq(w).shape, fq.scale.shape
+    (torch.Size([32, 64]), torch.Size([32, 1]))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from statqat_ao.estimators import get_estimator, minmax_qparams, online_methods
+from statqat_ao.estimators.common import usable_scale
+from statqat_ao.estimators.registry import OnlineStep
+from statqat_ao.numerics.block_stats import tensor_abs_max
+from statqat_ao.numerics.blocks import BlockLayout, Granularity, block_layout
+from statqat_ao.numerics.formats import Format, get_format
+from statqat_ao.numerics.scale_formats import cap_scale, nvfp4_tensor_scale, round_scale
+from statqat_ao.parallel import distributed
+
+from .fake_quant import fake_quantize
+from .nonfinite import NonFiniteTracking, quantizer_name
+
+
+def _joint(xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """All of ``xs`` as one tensor for joint per-tensor statistics."""
+    if all(t.shape == xs[0].shape for t in xs):
+        return torch.stack([t.detach() for t in xs])  # keeps each operand's layout
+    return torch.cat([t.detach().reshape(-1) for t in xs])
+
+
+class FakeQuantizer(NonFiniteTracking, nn.Module):
+    """Fake quantization of one tensor with an online StatQAT scale.
+
+    Args:
+        fmt: format name or :class:`Format`.
+        method: a registered online method (:func:`statqat_ao.estimators.online_methods`):
+            ``"analytic"``, ``"iterative"``, ``"minmax"`` or ``"octav"`` (a peer method: its
+            full fixed-point iteration runs on every training batch).
+        granularity: ``"tensor"``, ``"channel"`` or an int group size.
+        axis: channel axis.
+        symmetric: zero point 0 (asymmetric needs an INT format).
+        process_group: where a multi-process run combines the statistics (see
+            :mod:`statqat_ao.parallel.distributed`): ``"default"`` follows
+            :func:`statqat_ao.parallel.distributed.set_process_group` for activations and keeps
+            weights local; ``"off"``/``None`` never reduces; a process group always does.
+        nonfinite: ``"raise"`` or ``"skip"``: what a training batch holding NaN or Inf
+            does (see :mod:`statqat_ao.quantizers.nonfinite`). Either way the scale keeps its value.
+
+    Attributes:
+        fake_quant_enabled, observer_enabled: Python bools (not tensors, so a compiled
+            graph specialises on them instead of breaking).
+    """
+
+    def __init__(
+        self,
+        fmt: str | Format = "int8",
+        method: str = "analytic",
+        granularity: Granularity = "tensor",
+        axis: int = 0,
+        symmetric: bool = True,
+        process_group: Any = distributed.DEFAULT,
+        nonfinite: str = "raise",
+    ):
+        # nn.Module's init, not the next class's: the torch.ao / torchao bases that
+        # subclasses add only set flag buffers and dtype attributes, which they replace.
+        nn.Module.__init__(self)
+        if method not in online_methods():
+            hint = " (LSQ learns its scale: use sq.prepare_qat_fx, which builds an LSQFakeQuantize)" if method == "lsq" else ""
+            raise ValueError(f"online method must be one of {online_methods()}, got {method!r}{hint}")
+        self.fmt = get_format(fmt)
+        if not symmetric and self.fmt.family != "int":
+            raise ValueError(f"asymmetric quantization needs an INT format, got {self.fmt.name}")
+        if not symmetric and get_estimator(method).symmetric_only:
+            raise ValueError(f"{method} estimates symmetric quantizers only; pass symmetric=True")
+        self.method, self.granularity, self.axis, self.symmetric = method, granularity, axis, symmetric
+        self.process_group = distributed.as_setting(process_group)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.fake_quant_enabled = True
+        self.observer_enabled = True
+        self._scale_shape: tuple[int, ...] | None = None
+        self._init_nonfinite(nonfinite)
+
+    @torch.no_grad()
+    def _estimate(self, x: torch.Tensor, *more: torch.Tensor) -> None:
+        """Update the scale from ``x`` (and, jointly, the shared operands ``more``)."""
+        # A Python-level decision: None in a single process, so nothing else is traced.
+        group = distributed.statistics_group(self, x, getattr(self, "process_group", distributed.DEFAULT))
+        if any(t.numel() == 0 for t in (x, *more)):
+            if group is not None:
+                raise ValueError(
+                    f"{quantizer_name(self)} got an empty batch (shape {tuple(x.shape)}) in a multi-process "
+                    "run: every rank must contribute to the shared statistics. Drop empty batches on "
+                    "every rank alike (e.g. DistributedSampler(drop_last=True))."
+                )
+            return None  # nothing to learn from: the scale stays as it is
+        finite = self._record_update((x, *more))
+        warm_shared = get_estimator(self.method).sums_shared_operands and self._scale_shape == ()
+        if more and not warm_shared:
+            x, more = _joint((x, *more)), ()
+        layout = block_layout(x.shape, self.granularity, self.axis, self.fmt)
+        self._check_scale_shape(layout.scale_shape, x.shape)
+        if group is None:
+            return self._update(layout, x, more, finite)
+        with distributed.statistics_reduced(group, layout):
+            return self._update(layout, x, more, finite)
+
+    def _check_scale_shape(self, scale_shape: tuple[int, ...], x_shape: torch.Size) -> None:
+        if self._scale_shape is not None and scale_shape != self._scale_shape:
+            raise ValueError(
+                f"{quantizer_name(self)} holds {self.granularity}-granularity scales of shape "
+                f"{tuple(self.scale.shape)} (blocks {self._scale_shape}), which do not fit an input of "
+                f"shape {tuple(x_shape)}: the quantized dimension changed between steps. Give each "
+                "tensor shape its own quantizer, or quantize it per tensor."
+            )
+
+    def _update(
+        self, layout: BlockLayout, x: torch.Tensor, more: tuple[torch.Tensor, ...], finite: torch.Tensor
+    ) -> None:
+        estimator = get_estimator(self.method)
+        blocks = layout.block_view(x.detach().float())
+        warm = self._scale_shape == layout.scale_shape
+        last = (self.scale.reshape(-1), self.zero_point.reshape(-1).float()) if warm else (None, None)
+        s, zp = estimator.online(OnlineStep(blocks, more, self.fmt, self.symmetric, *last))
+        # Branch-free guards. A block without a usable estimate takes MinMax's scale
+        # (sums of squares overflow float32 above ~1e19, and underflow below ~1e-19, where
+        # the maximum does not), else keeps its previous scale (1.0 before the first): an
+        # all-zero block. A batch holding NaN or Inf changes no scale at all.
+        s_mm, zp_mm = (s, zp) if estimator.name == "minmax" else minmax_qparams(blocks, self.fmt, self.symmetric)
+        previous = self.scale.reshape(-1).to(s.dtype) if warm else torch.ones_like(s)
+        estimated, fallback = usable_scale(s), usable_scale(s_mm)
+        s = torch.where(finite & estimated, s, torch.where(finite & fallback, s_mm, previous.expand_as(s)))
+        zp = torch.where(finite & estimated, zp, torch.where(finite & fallback, zp_mm, torch.zeros_like(zp)))
+        s = s.clamp(min=torch.finfo(torch.float32).tiny)
+        if self.fmt.is_block_format:
+            ts = nvfp4_tensor_scale(tensor_abs_max(x)) if self.fmt.scale_format == "fp8_e4m3" else None
+            s = round_scale(blocks, s, self.fmt, estimator.standard_scale_rounding, ts)
+        s = cap_scale(s, x.dtype, self.fmt, self.symmetric)
+        if not warm:
+            self.scale = layout.from_blocks(s).clone()
+            self.zero_point = layout.from_blocks(zp.to(torch.int32)).clone()
+            self._scale_shape = layout.scale_shape
+        else:
+            self.scale.copy_(layout.from_blocks(s))
+            if not estimator.keeps_zero_point:  # e.g. least squares refines the scale for a fixed zero point
+                self.zero_point.copy_(layout.from_blocks(zp.to(torch.int32)))
+
+    def forward(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Fake-quantize ``x``; with more inputs, quantize them all with one shared scale.
+
+        Shared inputs (the operands of a residual add or a cat, which an integer graph
+        needs on one scale) are estimated jointly, per tensor, and returned as a tuple.
+        """
+        xs = (x, *shared)
+        if shared and self.granularity != "tensor":
+            raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
+        cold = self._scale_shape is None
+        if not shared and self._scale_shape not in (None, ()):
+            self._check_scale_shape(block_layout(x.shape, self.granularity, self.axis, self.fmt).scale_shape, x.shape)
+        if self.observer_enabled and cold:
+            self._estimate(*xs)  # the first scale comes from this batch
+        out = tuple(fake_quantize(t, self.scale, self.zero_point, self.fmt) for t in xs) if self.fake_quant_enabled else xs
+        if self.observer_enabled and self.training and not cold:
+            self._estimate(*xs)  # after the fake quant: no dependency, one fused pass
+        return out if shared else out[0]
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.fake_quant_enabled = enabled
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        self.observer_enabled = enabled
+
+    def disable_observer(self) -> None:
+        self.enable_observer(False)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current ``(scale, zero_point)``."""
+        return self.scale, self.zero_point
+
+    def get_extra_state(self) -> dict:
+        # Whether (and with which block shape) a scale was estimated: restored on load,
+        # so a resumed model warm-starts exactly where the saved one stopped.
+        return {
+            "scale_shape": None if self._scale_shape is None else list(self._scale_shape),
+            **self._nonfinite_state(),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        shape = state.get("scale_shape")
+        self._scale_shape = None if shape is None else tuple(shape)
+        self._load_nonfinite_state(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Scales are shaped by the first estimate; take the saved shape before copying.
+        for name in ("scale", "zero_point"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether a scale has been estimated (loaded state counts)."""
+        return self._scale_shape is not None
+
+    def extra_repr(self) -> str:
+        return (
+            f"fmt={self.fmt.name}, method={self.method}, granularity={self.granularity}, "
+            f"axis={self.axis}, symmetric={self.symmetric}"
+        )
