@@ -68,8 +68,10 @@ def quantized_tensors(model: nn.Module) -> list[tuple[str, QuantizedParams]]:
             f"the model still holds fake-quantize modules ({', '.join(fake[:3])}...): "
             "backends lower a converted model, call statqat_ao.convert(model) first"
         )
-    if not isinstance(model, fx.GraphModule):
-        raise UnsupportedModelError(f"expected the GraphModule statqat_ao.convert returns, got {type(model).__name__}")
+    if not found and not isinstance(model, fx.GraphModule):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} holds no quantized tensor: lower what statqat_ao.convert returns"
+        )
     return found
 
 

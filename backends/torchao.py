@@ -39,6 +39,7 @@ import torch
 from torch import fx, nn
 
 from statqat_ao.quantizers.quantized import QuantizedParams
+from statqat_ao.quantizers.quantized_linear import QuantizedLinear
 
 from . import torchao_tensors as tt
 from .parity import (
@@ -67,8 +68,34 @@ class LoweredWeight:
     stored_bytes: int  # codes + scales + zero points in the torchao tensor
 
 
+class TorchaoLinear(nn.Module):
+    """A converted linear whose weight is a torchao tensor (``F.linear`` dispatches to torchao).
+
+    The input's quantize / dequantize (a W*A* model) runs as convert wrote it.
+    """
+
+    def __init__(self, layer: nn.Module, weight: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = layer.bias
+        self.input_quant = layer.input_quant
+        self.dtype = layer.weight_quant.dtype
+        # MXTensor is emulated: torchao has no weight-only MX linear, so it is dequantized first.
+        self.dequantize_weight = type(weight).__name__ == "MXTensor"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant.quantize_dequantize(x)
+        w = self.weight.dequantize(self.dtype) if self.dequantize_weight else self.weight
+        return nn.functional.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={type(self.weight).__name__}"
+
+
 def lower(
-    model: fx.GraphModule,
+    model: nn.Module,
     example_inputs: Sequence | torch.Tensor | None = None,
     *,
     pack_int4: bool = True,
@@ -78,7 +105,9 @@ def lower(
     """Give a converted model's Linear weights torchao tensor types (codes and scales kept).
 
     Args:
-        model: the GraphModule :func:`statqat_ao.convert` returned.
+        model: what :func:`statqat_ao.convert` returned: a GraphModule, or a model
+            swapped by :func:`statqat_ao.quantize_` (its ``QuantizedLinear`` layers become
+            :class:`TorchaoLinear`; a Hugging Face model stays one, ``generate()`` included).
         example_inputs: inputs to check the lowered model's output against ``model``'s.
             Without them, only the weights are checked (exactly).
         pack_int4: INT4 weights with groups of 32, 64 or 128 (or per channel with rows
@@ -89,12 +118,14 @@ def lower(
         inplace: lower ``model`` itself instead of a copy.
 
     Returns:
-        The lowered GraphModule; ``.lowered_weights`` lists each :class:`LoweredWeight`.
+        The lowered model; ``.lowered_weights`` lists each :class:`LoweredWeight`.
 
     Raises:
         UnsupportedModelError: a Linear weight's format torchao cannot hold (before any work).
         ParityError: a torchao weight or the output differs from the converted model.
     """
+    if not isinstance(model, fx.GraphModule):
+        return _lower_modules(model, example_inputs, pack_int4, tolerance, inplace)
     reads = linear_weight_reads(model)
     linear_paths = {path for _, _, path in reads}
     check_formats(model, "torchao", lambda path, p: _unsupported(p) if path in linear_paths else None, SUPPORTED)
@@ -122,6 +153,38 @@ def lower(
         with torch.no_grad():
             check_parity(model(*args), gm(*args), backend="torchao", tolerance=tolerance)
     return gm
+
+
+def _lower_modules(model: nn.Module, example_inputs, pack_int4: bool, tolerance: float, inplace: bool) -> nn.Module:
+    """:func:`lower` for a converted eager model: each ``QuantizedLinear`` becomes a :class:`TorchaoLinear`."""
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    weight_paths = {f"{path}.weight_quant" for path, _ in layers}
+    check_formats(model, "torchao", lambda path, p: _unsupported(p) if path in weight_paths else None, SUPPORTED)
+    if not layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} holds no QuantizedLinear: convert a model swapped by statqat_ao.quantize_ first"
+        )
+    out = model if inplace else copy.deepcopy(model)
+    lowered = []
+    for path, _ in layers:
+        layer = out.get_submodule(path)
+        p = layer.weight_quant
+        weight = _build_exact(p, f"{path}.weight", pack_int4)
+        parent, _, leaf = path.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, leaf, TorchaoLinear(layer, weight))
+        float_bytes = p.codes.numel() * torch.empty((), dtype=p.dtype).element_size()
+        lowered.append(LoweredWeight(f"{path}.weight", p.fmt.name, type(weight).__name__, float_bytes, tt.stored_bytes(weight)))
+    out.lowered_weights = lowered
+    if example_inputs is not None:
+        args = as_tuple(example_inputs)
+        with torch.no_grad():
+            check_parity(_main_output(model(*args)), _main_output(out(*args)), backend="torchao", tolerance=tolerance)
+    return out
+
+
+def _main_output(out):
+    # A Hugging Face model returns a ModelOutput with its cache: compare the logits.
+    return out.logits if hasattr(out, "logits") else out
 
 
 def _unsupported(p: QuantizedParams) -> str | None:
@@ -200,4 +263,4 @@ def weight_bytes(lowered: fx.GraphModule) -> tuple[int, int]:
     return sum(w.float_bytes for w in lowered.lowered_weights), sum(w.stored_bytes for w in lowered.lowered_weights)
 
 
-__all__ = ["LoweredWeight", "lower", "weight_bytes", "QuantizedParams"]
+__all__ = ["LoweredWeight", "QuantizedParams", "TorchaoLinear", "lower", "weight_bytes"]

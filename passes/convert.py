@@ -22,19 +22,22 @@ import operator
 import torch
 from torch import fx, nn
 
+from statqat_ao.frontends.module_swap import convert_swapped, is_swapped
 from statqat_ao.numerics.codes import dequantize, quantize
 from statqat_ao.quantizers.fake_quantizer import FakeQuantizer
 from statqat_ao.quantizers.lsq import LSQFakeQuantize
-from statqat_ao.quantizers.quantized import QuantizedParams
+from statqat_ao.quantizers.quantized import (
+    ConvertError,
+    QuantizedParams,
+    check_convertible,
+    check_finite_weight,
+    quantizer_qparams,
+)
 
 from .constants import constant_value, is_constant
 from .fold_bn import FoldedBatchNorm
 from .functionalize import functionalize_weighted_modules
 from .trace import drop_string_annotations
-
-
-class ConvertError(RuntimeError):
-    """The prepared model cannot be converted as it is (the message says why and what to do)."""
 
 
 def _quant_path(path: str) -> str:
@@ -50,34 +53,19 @@ def _set_module(gm: nn.Module, path: str, module: nn.Module | None) -> None:
         setattr(owner, leaf, module)
 
 
-def _qparams(fq: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(fq, LSQFakeQuantize):  # the |s| its forward uses
-        return fq.calculate_qparams()
-    return fq.scale, fq.zero_point
-
-
-def _check_ready(fq: nn.Module, path: str) -> None:
-    if not fq.is_initialized:
-        raise ConvertError(
-            f"quantizer {path!r} never saw data, so it has no scale: run a forward pass "
-            "(or prepare with example_inputs) before convert"
-        )
-    scale, _ = _qparams(fq)
-    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-        raise ConvertError(f"quantizer {path!r} holds a non-finite or non-positive scale; check training for NaN")
-
-
-def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
-    """Turn a prepared (QAT-trained) GraphModule into its quantized form.
+def convert(prepared: nn.Module, inplace: bool = False) -> nn.Module:
+    """Turn a prepared (QAT-trained) model into its quantized form.
 
     Args:
-        prepared: from :func:`statqat_ao.prepare_qat_fx`, torch.ao's ``prepare_qat_fx``
-            with a StatQAT qconfig, or torchao's ``prepare_qat_pt2e`` with
-            :class:`~statqat_ao.StatQATQuantizer`.
+        prepared: a GraphModule from :func:`statqat_ao.prepare_qat_fx`, torch.ao's
+            ``prepare_qat_fx`` with a StatQAT qconfig, or torchao's ``prepare_qat_pt2e``
+            with :class:`~statqat_ao.StatQATQuantizer`; or a model swapped by
+            :func:`statqat_ao.quantize_` (it comes back as the same class, its QAT
+            linears replaced by ``QuantizedLinear``).
         inplace: convert ``prepared`` itself instead of a copy.
 
     Returns:
-        An eval-mode GraphModule whose quantized tensors are
+        An eval-mode model whose quantized tensors are
         :class:`~statqat_ao.quantizers.quantized.QuantizedParams` modules (``<layer>.weight_quant``,
         ``<layer>.input_quant``, ...).
 
@@ -90,6 +78,13 @@ def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         >>> q.get_submodule("0").weight_quant.codes.dtype, torch.equal(q(x), qat.eval()(x))
         (torch.int8, True)
     """
+    if not isinstance(prepared, fx.GraphModule):
+        if is_swapped(prepared):
+            return convert_swapped(prepared, inplace)
+        raise ConvertError(
+            f"convert takes a model prepared by sq.prepare_qat_fx, torch.ao's prepare_qat_fx, torchao's "
+            f"prepare_qat_pt2e or sq.quantize_; this {type(prepared).__name__} holds no StatQAT quantizer"
+        )
     gm = prepared if inplace else copy.deepcopy(prepared)
     _to_eval(gm)
     functionalize_weighted_modules(gm)
@@ -110,7 +105,7 @@ def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
                 _bypass(gm, node)
                 continue
             target = node.target
-            _check_ready(mod, target)
+            check_convertible(mod, target)
             converted[target] = _convert_quantizer(gm, node, mod, cache)
     graph.eliminate_dead_code()
     _drop_unused_parameters(gm)
@@ -125,15 +120,10 @@ def _convert_quantizer(gm, node, fq, cache) -> str:
     path = _quant_path(node.target)
     if len(node.args) == 1 and is_constant(node.args[0]):  # a weight: store its codes
         weight = constant_value(node.args[0], gm, cache)
-        if not bool(torch.isfinite(weight).all()):
-            raise ConvertError(
-                f"the weight quantized by {path!r} holds {int(torch.isnan(weight).sum())} NaN and "
-                f"{int(torch.isinf(weight).sum())} Inf values: its codes would be meaningless. "
-                "Training diverged; convert a checkpoint from before it."
-            )
-        params = QuantizedParams.from_tensor(weight, *_qparams(fq), fq.fmt)
+        check_finite_weight(weight, path)
+        params = QuantizedParams.from_tensor(weight, *quantizer_qparams(fq), fq.fmt)
     else:
-        params = QuantizedParams(fq.fmt, *_qparams(fq))
+        params = QuantizedParams(fq.fmt, *quantizer_qparams(fq))
     _set_module(gm, node.target, None)
     _set_module(gm, path, params)
     _replace_calls(gm, node, path)

@@ -10,6 +10,7 @@ Example:
 
 from statqat_ao import estimators  # the package of estimators, as sq.estimators
 from statqat_ao.estimators import estimate_qparams
+from statqat_ao.frontends.module_swap import load_qat_state, quantize_
 from statqat_ao.frontends.qconfig import (
     QuantSpec,
     StatQATQConfig,
@@ -33,6 +34,9 @@ from statqat_ao.quantizers.quantized import QuantizedParams
 __version__ = "0.1.0"
 
 __all__ = [
+    "quantize_",
+    "load_qat_state",
+    "StatQATConfig",
     "ConvertError",
     "exact_division",
     "NonFiniteError",
@@ -71,4 +75,8 @@ def __getattr__(name: str):
         from statqat_ao.frontends.pt2e import StatQATQuantizer
 
         return StatQATQuantizer
+    if name == "StatQATConfig":  # torchao's quantize_ / QATConfig: imports torchao, registers our handlers
+        from statqat_ao.frontends.torchao_qat import StatQATConfig
+
+        return StatQATConfig
     raise AttributeError(f"module 'statqat_ao' has no attribute {name!r}")

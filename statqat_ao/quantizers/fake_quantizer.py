@@ -35,6 +35,7 @@ from statqat_ao.numerics.formats import Format, get_format
 from statqat_ao.numerics.scale_formats import cap_scale, nvfp4_tensor_scale, round_scale
 from statqat_ao.parallel import distributed
 
+from .extra_state import pack_state, unpack_state
 from .fake_quant import fake_quantize
 from .nonfinite import NonFiniteTracking, quantizer_name
 
@@ -198,15 +199,16 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         """The current ``(scale, zero_point)``."""
         return self.scale, self.zero_point
 
-    def get_extra_state(self) -> dict:
+    def get_extra_state(self) -> torch.Tensor:
         # Whether (and with which block shape) a scale was estimated: restored on load,
         # so a resumed model warm-starts exactly where the saved one stopped.
-        return {
+        return pack_state({
             "scale_shape": None if self._scale_shape is None else list(self._scale_shape),
             **self._nonfinite_state(),
-        }
+        })
 
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state: torch.Tensor | dict) -> None:
+        state = unpack_state(state)
         shape = state.get("scale_shape")
         self._scale_shape = None if shape is None else tuple(shape)
         self._load_nonfinite_state(state)

@@ -20,6 +20,7 @@ from statqat_ao.numerics.blocks import block_layout
 from statqat_ao.numerics.formats import Format, get_format
 from statqat_ao.parallel import distributed
 
+from .extra_state import pack_state, unpack_state
 from .fake_quant import fake_quantize
 from .nonfinite import NonFiniteTracking
 
@@ -115,15 +116,16 @@ class LSQFakeQuantize(NonFiniteTracking, nn.Module):
     def is_initialized(self) -> bool:
         return self.initialized
 
-    def get_extra_state(self) -> dict:
+    def get_extra_state(self) -> torch.Tensor:
         # Restored on load, so a resumed run keeps its learned scale instead of re-initialising.
-        return {
+        return pack_state({
             "initialized": self.initialized,
             "grad_factor": getattr(self, "_grad_factor", None),
             **self._nonfinite_state(),
-        }
+        })
 
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state: torch.Tensor | dict) -> None:
+        state = unpack_state(state)
         self.initialized = bool(state.get("initialized", False))
         if state.get("grad_factor") is not None:
             self._grad_factor = float(state["grad_factor"])

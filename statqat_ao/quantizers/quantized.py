@@ -20,6 +20,45 @@ from torch import nn
 from statqat_ao.numerics.codes import dequantize, quantize
 from statqat_ao.numerics.formats import Format, get_format
 
+from .extra_state import pack_state, unpack_state
+from .lsq import LSQFakeQuantize
+
+
+class ConvertError(RuntimeError):
+    """The prepared model cannot be converted as it is (the message says why and what to do)."""
+
+
+def quantizer_qparams(fq: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(scale, zero_point)`` a trained quantizer's forward uses (LSQ: ``|s|``).
+
+    Not ``calculate_qparams``: torch.ao's subclasses report torch's zero-point convention there.
+    """
+    if isinstance(fq, LSQFakeQuantize):
+        return fq.calculate_qparams()
+    return fq.scale, fq.zero_point
+
+
+def check_convertible(fq: nn.Module, path: str) -> None:
+    """Raise :class:`ConvertError` unless quantizer ``fq`` (called ``path``) holds a usable scale."""
+    if not fq.is_initialized:
+        raise ConvertError(
+            f"quantizer {path!r} never saw data, so it has no scale: run a forward pass "
+            "(or prepare with example_inputs) before convert"
+        )
+    scale, _ = quantizer_qparams(fq)
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ConvertError(f"quantizer {path!r} holds a non-finite or non-positive scale; check training for NaN")
+
+
+def check_finite_weight(weight: torch.Tensor, path: str) -> None:
+    """Raise :class:`ConvertError` if the weight quantized by ``path`` holds NaN or Inf."""
+    if not bool(torch.isfinite(weight).all()):
+        raise ConvertError(
+            f"the weight quantized by {path!r} holds {int(torch.isnan(weight).sum())} NaN and "
+            f"{int(torch.isinf(weight).sum())} Inf values: its codes would be meaningless. "
+            "Training diverged; convert a checkpoint from before it."
+        )
+
 
 class QuantizedParams(nn.Module):
     """Format, scale, zero point and (for weights) codes of one quantized tensor.
@@ -67,10 +106,19 @@ class QuantizedParams(nn.Module):
             raise ValueError("activation parameters have no codes; quantize an input first")
         return dequantize(self.codes, self.scale, self.zero_point, self.fmt, self.dtype)
 
-    def get_extra_state(self) -> dict:
-        return {"fmt": self.fmt.name, "dtype": str(self.dtype).removeprefix("torch.")}
+    def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through this tensor's codes and back (an activation at its frozen scale), in ``x``'s dtype.
 
-    def set_extra_state(self, state: dict) -> None:
+        Bit-identical to :func:`statqat_ao.fake_quantize` with the same scale, as a converted graph computes it.
+        """
+        codes = quantize(x, self.scale, self.zero_point, self.fmt)
+        return dequantize(codes, self.scale, self.zero_point, self.fmt).type_as(x)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return pack_state({"fmt": self.fmt.name, "dtype": str(self.dtype).removeprefix("torch.")})
+
+    def set_extra_state(self, state: torch.Tensor | dict) -> None:
+        state = unpack_state(state)
         self.fmt = get_format(state["fmt"])
         self.dtype = getattr(torch, state.get("dtype", "float32"))
 
