@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 import onnx
 import torch
+from statqat_ao.backends.causal_lm import deployable
 from statqat_ao.backends.onnx_lower import (
     ACTIVATION_TYPES,
     LoweringError,
@@ -124,7 +125,9 @@ def export(
     """Write ``model`` (from ``statqat_ao.convert``) as a QDQ ONNX file and check parity.
 
     Args:
-        model: the converted GraphModule.
+        model: the converted model: a GraphModule, or a model swapped by
+            :func:`statqat_ao.quantize_` (a Hugging Face causal LM is exported as
+            ``(input_ids[, attention_mask]) -> logits`` without its KV cache).
         example_inputs: inputs to trace with and to check parity on.
         path: the ``.onnx`` file to write.
         fp4_form: ``"ort"``: E2M1 weights as UINT4 codes, Gather on the E2M1 table, Mul by
@@ -151,6 +154,7 @@ def export(
     """
     if fp4_form not in ("ort", "standard"):
         raise ValueError(f"fp4_form must be 'ort' or 'standard', got {fp4_form!r}")
+    model = deployable(model)  # a Hugging Face causal LM: (input_ids[, attention_mask]) -> logits
     check_formats(model, BACKEND, lambda p, q: supports(p, q, fp4_form), SUPPORTED)
     inputs = as_tuple(example_inputs)
     needed = STANDARD_FP4_OPSET if fp4_form == "standard" else DEFAULT_OPSET
@@ -178,6 +182,7 @@ def verify(path: str | Path, model: fx.GraphModule, example_inputs: Sequence | t
         2.1e-07
     """
     inputs = as_tuple(example_inputs)
+    model = deployable(model)
     with torch.no_grad():
         reference = flat_tensors(model(*inputs))
     lowered = [torch.from_numpy(np.asarray(o)) for o in run_artifact(path, inputs)]

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from statqat_ao.frontends.causal_lm import CausalLMGraph
 from statqat_ao.quantizers.quantized import QuantizedParams
 from statqat_ao.quantizers.quantized_linear import QuantizedLinear
 
@@ -124,6 +125,11 @@ def lower(
         UnsupportedModelError: a Linear weight's format torchao cannot hold (before any work).
         ParityError: a torchao weight or the output differs from the converted model.
     """
+    if isinstance(model, CausalLMGraph):  # a decoder's graph: lower it, keep the call
+        out = model.rewrap(lower(model.graph_module, None, pack_int4=pack_int4, tolerance=tolerance, inplace=inplace))
+        out.lowered_weights = out.graph_module.lowered_weights
+        _check_output(model, out, example_inputs, tolerance)
+        return out
     if not isinstance(model, fx.GraphModule):
         return _lower_modules(model, example_inputs, pack_int4, tolerance, inplace)
     reads = linear_weight_reads(model)
@@ -175,11 +181,16 @@ def _lower_modules(model: nn.Module, example_inputs, pack_int4: bool, tolerance:
         float_bytes = p.codes.numel() * torch.empty((), dtype=p.dtype).element_size()
         lowered.append(LoweredWeight(f"{path}.weight", p.fmt.name, type(weight).__name__, float_bytes, tt.stored_bytes(weight)))
     out.lowered_weights = lowered
-    if example_inputs is not None:
-        args = as_tuple(example_inputs)
-        with torch.no_grad():
-            check_parity(_main_output(model(*args)), _main_output(out(*args)), backend="torchao", tolerance=tolerance)
+    _check_output(model, out, example_inputs, tolerance)
     return out
+
+
+def _check_output(model: nn.Module, lowered: nn.Module, example_inputs, tolerance: float) -> None:
+    if example_inputs is None:
+        return
+    args = as_tuple(example_inputs)
+    with torch.no_grad():
+        check_parity(_main_output(model(*args)), _main_output(lowered(*args)), backend="torchao", tolerance=tolerance)
 
 
 def _main_output(out):

@@ -12,13 +12,16 @@ deep copy of the same model:
 * torchao weight-only QAT: ``QATConfig(weight_config=IntxFakeQuantizeConfig(torch.int4,
   group_size=32))``;
 * torchao 8da4w QAT: ``QATConfig(Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-  weight_granularity=PerGroup(32)), step="prepare")``.
+  weight_granularity=PerGroup(32)), step="prepare")``;
+* StatQAT W4A8 with ``sq.quantize_(..., example_kwargs={"input_ids": ids})``: activation
+  scales estimated eagerly at the swap, so compilation sees only the warm update.
 
 Every method runs under ``torch.compile(model, fullgraph=True)``; the first step's
 time (compilation) is reported on its own. After warm-up the methods are timed in
 interleaved rounds, so that load from other processes hits them alike; the figure is
-the median step. Peak memory is the peak resident set growth of a fresh process per
-method (``--memory``; on CPU there is no allocator counter), measured separately.
+the median step. Peak memory (``--memory``) is the peak resident set of a fresh process
+per method that builds, prepares and runs 3 compiled steps (torch itself and the
+compiler included; on CPU there is no allocator counter).
 
 Usage: python benchmarks/llm_qat_step.py [--steps 20] [--hidden 512] [--layers 4] [--seq 256]
        [--batch 4] [--threads 2] [--methods ...] [--memory]
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import resource
 import statistics
@@ -37,10 +41,15 @@ import sys
 import time
 import warnings
 
-import torch
-from torch import nn
+# The first step's time is a compile time only if Inductor's on-disk caches are off (a
+# second run would otherwise reuse the first's kernels): --cache turns them back on.
+if "--cache" not in sys.argv:
+    os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
 
-import statqat_ao as sq
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import statqat_ao as sq  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -100,7 +109,19 @@ METHODS = {
     "torchao QAT int4 g32 weight-only": torchao_weight_only,
     "StatQAT W4A8": statqat(sq.get_statqat_qconfig("int4", "int8", skip=["lm_head"])),
     "torchao QAT 8da4w": torchao_8da4w,
+    "StatQAT W4A8, activation scales from an example batch": None,  # built in prepare_method
 }
+
+
+def prepare_method(name: str, model: nn.Module, ids: torch.Tensor) -> nn.Module:
+    if name == "StatQAT W4A8, activation scales from an example batch":
+        # sq.quantize_(..., example_kwargs=...) estimates activation scales eagerly, so the
+        # compiled step traces only the warm one-step update, not the cold start's restarts.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qconfig = sq.get_statqat_qconfig("int4", "int8", skip=["lm_head"])
+            return sq.quantize_(model, qconfig, example_kwargs={"input_ids": ids})
+    return METHODS[name](model)
 
 
 def make_step(model, ids):
@@ -124,7 +145,7 @@ def run_timing(args) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     steps, first = {}, {}
     for name in args.methods:
-        model = METHODS[name](copy.deepcopy(base)).train()
+        model = prepare_method(name, copy.deepcopy(base), ids).train()
         steps[name] = make_step(model, ids)
         t = time.perf_counter()
         steps[name]()  # compiles
@@ -141,7 +162,7 @@ def run_timing(args) -> dict:
 
 
 def run_memory(args, name: str) -> float:
-    """Peak RSS growth (MiB) of a fresh process that builds, prepares and runs 3 compiled steps."""
+    """Peak resident set (MiB) of a fresh process that builds, prepares and runs 3 compiled steps."""
     cmd = [sys.executable, __file__, "--_memory-child", name, *sys.argv[1:]]
     cmd = [c for c in cmd if c != "--memory"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -150,14 +171,12 @@ def run_memory(args, name: str) -> float:
 
 def memory_child(args, name: str) -> None:
     torch.set_num_threads(args.threads)
-    model = METHODS[name](build_model(args)).train()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = prepare_method(name, build_model(args), ids).train()
     step = make_step(model, ids)
     for _ in range(3):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (peak - before) / 1024}))
+    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def main() -> None:
@@ -173,6 +192,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--memory", action="store_true", help="also measure peak memory, one process per method")
+    p.add_argument("--cache", action="store_true", help="keep Inductor's on-disk caches (first-step times are then not compile times)")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -184,7 +204,7 @@ def main() -> None:
         for name in args.methods:
             results[name]["peak_mib"] = run_memory(args, name)
     f = results["float"] if "float" in results else None
-    print("\n| method | median step (s) | vs float | first step, compile (s) | vs float | peak memory growth (MiB) | vs float |")
+    print("\n| method | median step (s) | vs float | first step, compile (s) | vs float | peak memory (MiB) | vs float |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ratio = f"{r['median_s'] / f['median_s']:.2f}x" if f else "-"

@@ -22,6 +22,7 @@ import operator
 import torch
 from torch import fx, nn
 
+from statqat_ao.frontends.causal_lm import CausalLMGraph
 from statqat_ao.frontends.module_swap import convert_swapped, is_swapped
 from statqat_ao.numerics.codes import dequantize, quantize
 from statqat_ao.quantizers.fake_quantizer import FakeQuantizer
@@ -78,6 +79,8 @@ def convert(prepared: nn.Module, inplace: bool = False) -> nn.Module:
         >>> q.get_submodule("0").weight_quant.codes.dtype, torch.equal(q(x), qat.eval()(x))
         (torch.int8, True)
     """
+    if isinstance(prepared, CausalLMGraph):  # a Hugging Face decoder's graph: convert it, keep the call
+        return prepared.rewrap(convert(prepared.graph_module, inplace))
     if not isinstance(prepared, fx.GraphModule):
         if is_swapped(prepared):
             return convert_swapped(prepared, inplace)

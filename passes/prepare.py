@@ -24,12 +24,14 @@ import warnings
 import torch
 from torch import fx, nn
 
+from statqat_ao.frontends.causal_lm import is_causal_lm, trace_kwargs, wrap_prepared
 from statqat_ao.frontends.qconfig import QuantSpec, StatQATQConfig, statqat_qconfig
 from statqat_ao.numerics.blocks import block_layout
 from statqat_ao.numerics.formats import get_format
 from statqat_ao.quantizers.nonfinite import NonFiniteTracking
 
 from .constants import constant_value, get_attr, param_path
+from .conv1d_as_linear import linearize_conv1d
 from .fold_bn import fold_batchnorm
 from .functionalize import functionalize_weighted_modules
 from .patterns import (
@@ -40,7 +42,7 @@ from .patterns import (
     unfolded_batch_norm,
     unsupported_weighted_op,
 )
-from .trace import trace
+from .trace import TraceError, trace
 
 
 def _register(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
@@ -88,8 +90,10 @@ class _Inserter:
     def _weight_fq(self, weight: fx.Node, path: str, layer: str, spec: QuantSpec) -> fx.Node:
         if path in self.weight_fq:
             return self.weight_fq[path]
-        # The group size must divide the row: fail here, naming the layer.
-        shape = tuple(get_attr(self.gm, path).shape)
+        # The group size must divide the row: fail here, naming the layer. The quantized
+        # tensor is the weight node's value (GPT-2's Conv1D: the transposed parameter).
+        val = weight.meta.get("val")
+        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else tuple(get_attr(self.gm, path).shape)
         block_layout(shape, spec.granularity, spec.axis, get_format(spec.fmt), name=f"layer {layer!r} weight")
         owner = path.rpartition(".")[0]
         leaf = path.rpartition(".")[2]
@@ -155,7 +159,9 @@ def prepare_qat_fx(
         trace_method: ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``.
 
     Returns:
-        A trainable GraphModule in the model's train/eval mode. Parameter names are the
+        A trainable GraphModule in the model's train/eval mode (for a Hugging Face causal
+        LM, a :class:`~statqat_ao.frontends.causal_lm.CausalLMGraph` around it, called as
+        the model is: ``input_ids=``, ``attention_mask=``, ``labels=``). Parameter names are the
         model's own; quantizer state sits at ``<layer>.weight_fake_quant`` and
         ``<layer>.input_fake_quant``.
 
@@ -178,7 +184,18 @@ def prepare_qat_fx(
             f"qconfig must be a StatQATQConfig (sq.get_statqat_qconfig(...)), got {type(qconfig).__name__}"
         )
     training = model.training
-    gm, _ = trace(copy.deepcopy(model), example_inputs, example_kwargs, trace_method)
+    causal_lm = is_causal_lm(model)
+    source = copy.deepcopy(model)
+    if causal_lm:  # a Hugging Face decoder: export with the KV cache off, GPT-2's Conv1D as linears
+        if example_inputs is None:
+            raise TraceError(
+                f"{type(model).__name__} is traced with torch.export: pass example_inputs=(input_ids,) "
+                "(and example_kwargs={'attention_mask': mask} for padded batches)"
+            )
+        example_kwargs = trace_kwargs(model, example_kwargs)
+        trace_method = "export" if trace_method == "auto" else trace_method
+        linearize_conv1d(source)
+    gm, _ = trace(source, example_inputs, example_kwargs, trace_method)
     functionalize_weighted_modules(gm)
     fold_batchnorm(gm)
     inserter = _Inserter(gm, qconfig)
@@ -207,7 +224,7 @@ def prepare_qat_fx(
         )
     _initialize(gm, inserter, example_inputs, example_kwargs)
     gm.train(training)
-    return gm
+    return wrap_prepared(model, gm, example_kwargs) if causal_lm else gm
 
 
 @torch.no_grad()

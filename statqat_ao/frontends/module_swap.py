@@ -62,7 +62,12 @@ def _estimate_weight(layer: nn.Module) -> None:
         fq.restart_update_count()  # updates number the training steps
 
 
-def quantize_(model: nn.Module, qconfig: StatQATQConfig = statqat_qconfig) -> nn.Module:
+def quantize_(
+    model: nn.Module,
+    qconfig: StatQATQConfig = statqat_qconfig,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+) -> nn.Module:
     """Swap, in place, every linear ``qconfig`` quantizes for a StatQAT QAT linear.
 
     Args:
@@ -71,11 +76,15 @@ def quantize_(model: nn.Module, qconfig: StatQATQConfig = statqat_qconfig) -> nn
         qconfig: a :class:`~statqat_ao.StatQATQConfig` (``sq.get_statqat_qconfig(...)``);
             ``activation=None`` gives weight-only QAT, the LLM recipe. Typical:
             ``.skip("lm_head")``.
+        example_inputs, example_kwargs: a batch to run one forward on (no gradient, no
+            training update), so activation scales start from it here rather than at the
+            first training step: a compiled training step then sees only the warm update
+            (the cold start's least-squares restarts make a larger graph to compile).
 
     Returns:
-        ``model`` itself. Weight scales are estimated here; activation scales at the first
-        forward. Weights that stay float (embeddings, skipped layers) are named in one
-        warning.
+        ``model`` itself. Weight scales are estimated here; activation scales here with
+        ``example_inputs``, else at the first forward. Weights that stay float
+        (embeddings, skipped layers) are named in one warning.
 
     Raises:
         ValueError: nothing in ``model`` is quantized by ``qconfig``.
@@ -111,12 +120,27 @@ def quantize_(model: nn.Module, qconfig: StatQATQConfig = statqat_qconfig) -> nn
             "it swaps nn.Linear and transformers' Conv1D; check the skip list and overrides"
         )
     name_quantizers(model)
+    if example_inputs is not None or example_kwargs is not None:
+        _initialising_forward(model, tuple(example_inputs or ()), dict(example_kwargs or {}))
     if kept_float:
         warnings.warn(
             f"statqat_ao.quantize_: {len(kept_float)} weight(s) stay float: {', '.join(kept_float)}",
             stacklevel=2,
         )
     return model
+
+
+@torch.no_grad()
+def _initialising_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    was_training = model.training
+    model.eval()  # statistics: cold quantizers estimate, warm ones keep their scales
+    try:
+        model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+    for m in model.modules():
+        if isinstance(m, NonFiniteTracking):
+            m.restart_update_count()
 
 
 def _has_matrix_weight(module: nn.Module) -> bool:

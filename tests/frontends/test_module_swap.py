@@ -197,3 +197,17 @@ def test_bad_input_is_named():
         model(input_ids=ids, attention_mask=mask, labels=ids)
     with pytest.raises(sq.ConvertError, match="never saw data"):
         sq.convert(quantize_quietly(tiny_decoder("llama"), W4A8))
+
+
+def test_example_inputs_start_activation_scales_at_quantize_time():
+    ids, mask = token_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = sq.quantize_(tiny_decoder("llama"), W4A8, example_kwargs={"input_ids": ids, "attention_mask": mask})
+    inputs = [m.input_fake_quant for m in model.modules() if is_qat_linear(m)]
+    assert all(q.is_initialized and int(q.updates) == 0 for q in inputs)
+    later = quantize_quietly(tiny_decoder("llama"), W4A8)
+    with torch.no_grad():  # the same estimate as a first forward on that batch would make
+        later.eval()(input_ids=ids, attention_mask=mask)
+    for a, b in zip(inputs, [m.input_fake_quant for m in later.modules() if is_qat_linear(m)], strict=True):
+        assert torch.equal(a.scale, b.scale)

@@ -227,6 +227,59 @@ def off_run(rank: int) -> dict:
     }
 
 
+def hf_qconfig():
+    return sq.get_statqat_qconfig("int4", "int8", weight_method="iterative", weight_granularity=32, skip=["lm_head"])
+
+
+def hf_train(model: nn.Module, params, rank: int | None) -> None:
+    """SGD on a Llama called as HF loops call it; ranks take halves of each global batch."""
+    from hf_models import VOCAB
+
+    opt = torch.optim.SGD(params, lr=0.1)
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    for _ in range(STEPS):
+        ids = torch.randint(0, VOCAB, (4, 16), generator=g)
+        ids = ids if rank is None else half(ids, rank)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def swapped_llama() -> nn.Module:
+    import warnings
+
+    from hf_models import tiny_decoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return sq.quantize_(tiny_decoder("llama"), hf_qconfig())
+
+
+def hf_ddp_run(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = swapped_llama()
+    ddp = DDP(model, broadcast_buffers=False)
+    hf_train(ddp, ddp.parameters(), rank)
+    return scales(model)
+
+
+def hf_fsdp_per_layer_run(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = swapped_llama()
+    for layer in model.model.layers:  # the usual LLM recipe: each decoder layer, then the root
+        fully_shard(layer)
+    fully_shard(model)
+    local = {n: p.to_local().shape for n, p in model.named_parameters() if isinstance(p, DTensor)}
+    hf_train(model, model.parameters(), rank)
+    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    return {"scales": scales(model), "local_shapes": local, "params": params}
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -242,6 +295,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             "fsdp_per_layer": fsdp_per_layer_run(rank),
             "lsq_init": lsq_init_run(rank),
             "off": off_run(rank),
+            "hf_ddp": hf_ddp_run(rank),
+            "hf_fsdp_per_layer": hf_fsdp_per_layer_run(rank),
             "group_after": distributed.get_process_group() is not None,
         }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -369,6 +424,31 @@ def test_fsdp2_per_layer_units_give_the_unsharded_scales_and_updates(ranks):
     assert_ranks_identical([g["scales"] for g in got])
     assert_scales_close(got[0]["scales"], scales(model))
     # The gradients were reduce-scattered per unit: SGD's updates equal one process's.
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[0]["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def single_process_llama() -> nn.Module:
+    model = swapped_llama()
+    hf_train(model, model.parameters(), None)
+    return model
+
+
+def test_swapped_llama_under_ddp_gets_the_global_batch_scales(ranks):
+    got = [r["hf_ddp"] for r in ranks]
+    assert_ranks_identical(got)
+    want = scales(single_process_llama())
+    assert any("input_fake_quant" in k for k in want)  # activation scales: reduced over the ranks
+    assert_scales_close(got[0], want)
+
+
+def test_swapped_llama_with_fsdp2_per_decoder_layer_gets_the_unsharded_scales_and_updates(ranks):
+    got = [r["hf_fsdp_per_layer"] for r in ranks]
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert got[0]["local_shapes"][q_proj] == torch.Size([32, 64])  # sharded at rest
+    model = single_process_llama()
+    assert_ranks_identical([g["scales"] for g in got])
+    assert_scales_close(got[0]["scales"], scales(model))
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[0]["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
 
