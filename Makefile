@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/digits_accuracy.py
 	$(PY) benchmarks/deployment.py
 	$(PY) benchmarks/minilm_qat.py
+	$(PY) benchmarks/llm_qat_step.py
 
 demo: $(STAMP)
 	$(VENV)/bin/statqat demo

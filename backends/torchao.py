@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from statqat_ao.passes.constants import get_attr
 from torch import fx, nn
 
 from statqat_ao.frontends.causal_lm import CausalLMGraph
@@ -43,6 +44,7 @@ from statqat_ao.quantizers.quantized import QuantizedParams
 from statqat_ao.quantizers.quantized_linear import QuantizedLinear
 
 from . import torchao_tensors as tt
+from .layer_parity import check_layers
 from .parity import (
     ParityError,
     UnsupportedModelError,
@@ -50,6 +52,7 @@ from .parity import (
     check_formats,
     check_parity,
     linear_weight_reads,
+    quantized_tensors,
 )
 
 SUPPORTED = (
@@ -115,7 +118,12 @@ def lower(
             they divide) and a multiple of 16 output features use the packed CPU
             kernel (``Int4OpaqueTensor``); other INT weights ``IntxUnpackedToInt8Tensor``
             (symmetric INT8 per channel: ``Int8Tensor``).
-        tolerance: largest output error relative to the output's magnitude.
+        tolerance: largest output error relative to the output's magnitude, for models
+            whose activations stay float. With quantized activations the check is per layer
+            (:mod:`statqat_ao.backends.layer_parity`): each lowered linear, fed the converted
+            model's own inputs, must match the converted layer within the float rounding of
+            its dot products; end to end an activation code may flip at a rounding tie, and a
+            larger output difference is reported in a warning, not raised.
         inplace: lower ``model`` itself instead of a copy.
 
     Returns:
@@ -123,15 +131,29 @@ def lower(
 
     Raises:
         UnsupportedModelError: a Linear weight's format torchao cannot hold (before any work).
-        ParityError: a torchao weight or the output differs from the converted model.
+        ParityError: a torchao weight, a lowered layer or the output differs from the converted model.
     """
-    if isinstance(model, CausalLMGraph):  # a decoder's graph: lower it, keep the call
-        out = model.rewrap(lower(model.graph_module, None, pack_int4=pack_int4, tolerance=tolerance, inplace=inplace))
-        out.lowered_weights = out.graph_module.lowered_weights
-        _check_output(model, out, example_inputs, tolerance)
-        return out
-    if not isinstance(model, fx.GraphModule):
+    if not isinstance(model, (fx.GraphModule, CausalLMGraph)):
         return _lower_modules(model, example_inputs, pack_int4, tolerance, inplace)
+    # A decoder's graph (CausalLMGraph) is lowered inside its calling convention.
+    graph, wrap = (model.graph_module, model.rewrap) if isinstance(model, CausalLMGraph) else (model, lambda g: g)
+    recorded = None if example_inputs is None else _graph_linear_inputs(graph, wrap, as_tuple(example_inputs))
+    reference = None if example_inputs is None else _reference(model, example_inputs)
+    gm = _lower_graph(graph, pack_int4, inplace)
+    out = wrap(gm)
+    out.lowered_weights = gm.lowered_weights
+    if example_inputs is not None:
+        checks = [
+            (w.path, recorded[read], _as_weight(get_attr(gm, w.path), p), p.dequantize())
+            for w, (read, p) in zip(gm.lowered_weights, gm.lowered_params, strict=True)
+            if read in recorded
+        ]
+        check_layers(checks, "torchao")
+        _check_output(model, out, example_inputs, tolerance, reference)
+    return out
+
+
+def _lower_graph(model: fx.GraphModule, pack_int4: bool, inplace: bool) -> fx.GraphModule:
     reads = linear_weight_reads(model)
     linear_paths = {path for _, _, path in reads}
     check_formats(model, "torchao", lambda path, p: _unsupported(p) if path in linear_paths else None, SUPPORTED)
@@ -143,6 +165,7 @@ def lower(
             "statqat_ao.tools.saved_model.save_converted instead"
         )
     gm = model if inplace else copy.deepcopy(model)
+    params = [(path, gm.get_submodule(path)) for _, _, path in linear_weight_reads(gm)]
     lowered = []
     for linear, deq_node, path in linear_weight_reads(gm):
         # torch.export graphs call aten.linear, which decomposes below torchao's tensors
@@ -154,11 +177,42 @@ def lower(
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.lowered_weights = lowered
-    if example_inputs is not None:
-        args = as_tuple(example_inputs)
-        with torch.no_grad():
-            check_parity(model(*args), gm(*args), backend="torchao", tolerance=tolerance)
+    gm.lowered_params = params  # (QuantizedParams path, QuantizedParams) of each, in lowering order
     return gm
+
+
+_RECORDED: dict[str, torch.Tensor] = {}
+
+
+def _recording_linear(key: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    _RECORDED.setdefault(key, x.detach().clone())
+    return nn.functional.linear(x, weight, bias)
+
+
+@torch.no_grad()
+def _graph_linear_inputs(graph: fx.GraphModule, wrap, args: tuple) -> dict[str, torch.Tensor]:
+    """The input each codes-reading linear of ``graph`` sees on ``args`` (its QuantizedParams path -> x)."""
+    probe = copy.deepcopy(graph)
+    for linear, _, path in linear_weight_reads(probe):
+        linear.target = _recording_linear
+        linear.args = (path, *linear.args)
+    probe.recompile()
+    _RECORDED.clear()
+    try:
+        wrap(probe)(*args)
+        return dict(_RECORDED)
+    finally:
+        _RECORDED.clear()
+
+
+@torch.no_grad()
+def _reference(model: nn.Module, example_inputs):
+    return _main_output(model(*as_tuple(example_inputs)))
+
+
+def _as_weight(t: torch.Tensor, p: QuantizedParams) -> torch.Tensor:
+    # MXTensor is emulated (dequantized in the graph); every other torchao tensor goes to F.linear.
+    return t.dequantize(p.dtype) if type(t).__name__ == "MXTensor" else t
 
 
 def _lower_modules(model: nn.Module, example_inputs, pack_int4: bool, tolerance: float, inplace: bool) -> nn.Module:
@@ -170,8 +224,19 @@ def _lower_modules(model: nn.Module, example_inputs, pack_int4: bool, tolerance:
         raise UnsupportedModelError(
             f"{type(model).__name__} holds no QuantizedLinear: convert a model swapped by statqat_ao.quantize_ first"
         )
+    recorded, reference = {}, None
+    if example_inputs is not None:  # the converted model's own layer inputs, and its output
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, a, path=path: recorded.setdefault(path, a[0].detach().clone()))
+            for path, m in layers
+        ]
+        try:
+            reference = _reference(model, example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
     out = model if inplace else copy.deepcopy(model)
-    lowered = []
+    lowered, checks = [], []
     for path, _ in layers:
         layer = out.get_submodule(path)
         p = layer.weight_quant
@@ -180,17 +245,32 @@ def _lower_modules(model: nn.Module, example_inputs, pack_int4: bool, tolerance:
         setattr(out.get_submodule(parent) if parent else out, leaf, TorchaoLinear(layer, weight))
         float_bytes = p.codes.numel() * torch.empty((), dtype=p.dtype).element_size()
         lowered.append(LoweredWeight(f"{path}.weight", p.fmt.name, type(weight).__name__, float_bytes, tt.stored_bytes(weight)))
+        if path in recorded:
+            checks.append((f"{path}.weight", recorded[path], _as_weight(weight, p), p.dequantize()))
     out.lowered_weights = lowered
-    _check_output(model, out, example_inputs, tolerance)
+    if example_inputs is not None:
+        check_layers(checks, "torchao")
+        _check_output(model, out, example_inputs, tolerance, reference)
     return out
 
 
-def _check_output(model: nn.Module, lowered: nn.Module, example_inputs, tolerance: float) -> None:
-    if example_inputs is None:
-        return
+def _check_output(model: nn.Module, lowered: nn.Module, example_inputs, tolerance: float, reference) -> None:
+    """End to end: raise beyond ``tolerance`` where activations stay float; else warn (see :func:`lower`)."""
     args = as_tuple(example_inputs)
     with torch.no_grad():
-        check_parity(_main_output(model(*args)), _main_output(lowered(*args)), backend="torchao", tolerance=tolerance)
+        got = _main_output(lowered(*args))
+    if not any(p.codes is None for _, p in quantized_tensors(model)):
+        check_parity(reference, got, backend="torchao", tolerance=tolerance)
+        return
+    try:
+        check_parity(reference, got, backend="torchao", tolerance=tolerance)
+    except ParityError as err:
+        warnings.warn(
+            f"{err}. Every lowered linear matched its converted layer on the converted model's own inputs "
+            "within float rounding; with quantized activations, an activation code can flip where a layer's "
+            "output lies within rounding of a code boundary, and the difference travels to the output",
+            stacklevel=3,
+        )
 
 
 def _main_output(out):

@@ -131,7 +131,8 @@ def test_an_output_mismatch_raises_with_the_error_and_where(monkeypatch):
 
     monkeypatch.setattr(tt, "intx_tensor", scaled)
     monkeypatch.setattr(ao_backend, "_dequantized", lambda t, p: p.dequantize())  # let the weights through
-    with pytest.raises(ParityError, match=r"torchao output differs .* max abs error .* at index"):
+    # Caught at the layer: fed the converted model's own inputs, it misses the rounding bound.
+    with pytest.raises(ParityError, match=r"the lowered head.weight differs from the converted layer .* rounding bound"):
         ao_backend.lower(q, (x,))
 
 
