@@ -124,13 +124,16 @@ def weight_owner(node) -> str | None:
 def is_float_activation(node, allow_inputs: bool = True) -> bool:
     """A floating-point tensor computed in the graph (or a graph input, if allowed).
 
-    Constants and integer tensors (masks, indices) are not activations.
+    Constants, integer tensors (masks, indices) and tensors with a dimension of size 0
+    (Phi-3's rotary embedding cats an empty pass-through slice) are not activations.
     """
     if not isinstance(node, fx.Node) or node.op == "get_attr":
         return False
     if node.op == "placeholder" and not allow_inputs:
         return False
     val = node.meta.get("val", node.meta.get("tensor_meta"))
+    if val is not None and hasattr(val, "shape") and any(isinstance(d, int) and d == 0 for d in val.shape):
+        return False
     if val is not None and hasattr(val, "dtype"):
         return val.dtype.is_floating_point
     return True

@@ -105,7 +105,11 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         """Update the scale from ``x`` (and, jointly, the shared operands ``more``)."""
         # A Python-level decision: None in a single process, so nothing else is traced.
         group = distributed.statistics_group(self, x, getattr(self, "process_group", distributed.DEFAULT))
-        if any(t.numel() == 0 for t in (x, *more)):
+        nonempty = [t for t in (x, *more) if t.numel()]
+        if nonempty and len(nonempty) <= len(more):  # some operands of a shared quantizer are empty:
+            x, *rest = nonempty  # the scale comes from the others (an empty one has nothing to add)
+            more = tuple(rest)
+        if not nonempty:
             if group is not None:
                 raise ValueError(
                     f"{quantizer_name(self)} got an empty batch (shape {tuple(x.shape)}) in a multi-process "

@@ -81,13 +81,13 @@ class LSQFakeQuantize(NonFiniteTracking, nn.Module):
         if shared and self.granularity != "tensor":
             raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
         xs = (x, *shared)
-        nonempty = all(t.numel() for t in xs)
+        nonempty = any(t.numel() for t in xs)  # an empty operand of a shared quantizer adds nothing
         if self.training and nonempty:
             # A NaN batch gives the learned scale a NaN gradient: "raise" stops here, naming
             # this module; under "skip" the training loop must skip the optimizer step.
             self._record_update(xs)
         if not self.initialized and nonempty:
-            joint = torch.cat([t.detach().reshape(-1) for t in xs]) if shared else x.detach()
+            joint = torch.cat([t.detach().reshape(-1) for t in xs if t.numel()]) if shared else x.detach()
             # Activations start from the global batch in a multi-process run, like every
             # other estimator's statistics; weights are whole on every rank already.
             self.initialize(joint, distributed.statistics_group(self, x))

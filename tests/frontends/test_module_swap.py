@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import ARCHITECTURES, VOCAB, tiny_decoder, token_batch
+from hf_models import ARCHITECTURES, MORE_ARCHITECTURES, VOCAB, tiny_decoder, token_batch
 from transformers.pytorch_utils import Conv1D
 
 import statqat_ao as sq
@@ -211,3 +211,14 @@ def test_example_inputs_start_activation_scales_at_quantize_time():
         later.eval()(input_ids=ids, attention_mask=mask)
     for a, b in zip(inputs, [m.input_fake_quant for m in later.modules() if is_qat_linear(m)], strict=True):
         assert torch.equal(a.scale, b.scale)
+
+
+@pytest.mark.parametrize("arch", MORE_ARCHITECTURES)
+def test_more_decoders_swap_train_and_convert(arch):
+    model = quantize_quietly(tiny_decoder(arch), W4A8)
+    assert [n for n, m in model.named_modules() if is_qat_linear(m)] == weight_layers(tiny_decoder(arch))
+    train(model, steps=1)
+    ids, mask = token_batch(seed=2)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(sq.convert(model)(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from hf_models import ARCHITECTURES, tiny_decoder, token_batch
+from hf_models import ARCHITECTURES, MORE_ARCHITECTURES, tiny_decoder, token_batch
 from statqat_ao.backends import onnx as sq_onnx
 from statqat_ao.backends import torchao
 from torch.ao.quantization import disable_fake_quant
@@ -99,3 +99,19 @@ def test_what_the_graph_cannot_take_is_named():
         sq.prepare_qat_fx(tiny_decoder("llama"), WEIGHT_ONLY, (ids,), {"use_cache": True})
     with pytest.raises(sq.TraceError, match=r"pass example_inputs=\(input_ids,\)"):
         sq.prepare_qat_fx(tiny_decoder("llama"), WEIGHT_ONLY)
+
+
+@pytest.mark.parametrize("arch", MORE_ARCHITECTURES)
+def test_more_decoders_prepare_train_and_convert(arch):
+    """Phi-3's rotary embedding cats an empty slice: before, its shared quantizer kept a scale
+    of 1.0 and q and k trained rounded to integers, silently; empty operands get no quantizer."""
+    model, graph, _ = prepared(arch)
+    ids, mask = token_batch()
+    graph.train()
+    graph(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    for name, m in graph.named_modules():
+        if isinstance(m, sq.FakeQuantizer) and m.scale.numel() == 1:
+            assert m.scale.item() != 1.0, name
+    graph.eval()
+    with torch.no_grad():
+        assert torch.equal(sq.convert(graph)(ids, attention_mask=mask).logits, graph(ids, attention_mask=mask).logits)

@@ -536,3 +536,51 @@ def test_a_lowered_artifact_that_disagrees_with_the_trained_model_raises(tmp_pat
     onnx.save(graph, path)
     with pytest.raises(ParityError):
         verify(path, converted, inputs)
+
+
+# --- empty operands of a shared quantizer ---------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ONLINE_METHODS)
+def test_an_empty_operand_of_a_shared_quantizer_does_not_freeze_its_scale(method):
+    """Phi-3's rotary embedding cats the rotated half with an empty slice. Before: the shared
+    quantizer returned early on the empty operand, its scale stayed 1.0, and the other operand
+    trained rounded to integers without a word."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16) * 0.05
+    shared, alone = sq.FakeQuantizer("int8", method), sq.FakeQuantizer("int8", method)
+    out, empty_out = shared(x, x[..., :0])
+    alone(x)
+    assert torch.equal(shared.scale, alone.scale) and shared.scale.item() != 1.0
+    assert empty_out.shape == (4, 8, 0) and torch.equal(out, sq.fake_quantize(x, alone.scale, alone.zero_point, "int8"))
+
+
+def test_an_empty_operand_of_a_shared_lsq_quantizer_does_not_leave_it_uninitialised():
+    x = torch.randn(4, 16) * 0.05
+    lsq = sq.LSQFakeQuantize("int8", is_activation=True)
+    lsq(x, x[:, :0])
+    assert lsq.is_initialized and lsq.scale.item() != 1.0
+
+
+def test_the_pass_gives_an_empty_cat_operand_no_quantizer():
+    class RotaryLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return torch.cat([y * 2, y[..., 16:]], dim=-1)  # an empty pass-through slice
+
+    x = torch.randn(4, 16)
+    for example in ((x,), None):  # torch.export (shapes known) and fx
+        method = "export" if example else "fx"
+        qat = sq.prepare_qat_fx(RotaryLike(), sq.statqat_qconfig, (x,), trace_method=method)
+        cat_quantizers = [n for n, _ in qat.named_modules() if "cat" in n and n.endswith("fake_quant")]
+        if method == "export":
+            assert cat_quantizers == []
+        out = qat.train()(x)
+        assert torch.isfinite(out).all()
+        for name, m in qat.named_modules():
+            if isinstance(m, sq.FakeQuantizer):
+                assert m.is_initialized and m.scale.numel() >= 1 and float(m.scale.reshape(-1)[0]) != 1.0, name
