@@ -39,8 +39,10 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from statqat_ao.frontends.causal_lm import CausalLMGraph
 from statqat_ao.quantizers.quantized import QuantizedParams
 
+from .causal_lm import CausalLMLogits, deployable
 from .parity import (
     ExportReport,
     ParityError,
@@ -124,17 +126,27 @@ def export(
         {'dynamic_gemms': 1}
     """
     inputs = as_tuple(example_inputs)
-    dynamic = _check_model(model, activations)
+    # A Hugging Face decoder's graph (sq.prepare_qat_fx on a causal LM): rewrite the graph
+    # inside its calling convention, export (input_ids[, attention_mask]) -> logits.
+    graph, wrap = (model.graph_module, model.rewrap) if isinstance(model, CausalLMGraph) else (model, None)
+    if not isinstance(graph, fx.GraphModule):
+        raise UnsupportedModelError(
+            f"the executorch backend rewrites the graph statqat_ao.convert makes of a graph-mode model; "
+            f"{type(model).__name__} is not one. For a Hugging Face decoder, prepare it with "
+            "sq.prepare_qat_fx(model, qconfig, (input_ids,)) instead of sq.quantize_, or export it with "
+            "statqat_ao.backends.onnx"
+        )
+    dynamic = _check_model(graph, activations)
     from . import executorch_graph as rewrite
 
-    gm, gemms = rewrite.rewrite_dynamic(model) if dynamic else rewrite.rewrite_static(model)
-    edge = _lower(gm, inputs)
+    gm, gemms = rewrite.rewrite_dynamic(graph) if dynamic else rewrite.rewrite_static(graph)
+    edge = _lower(gm if wrap is None else CausalLMLogits(wrap(gm)), inputs)
     delegated, outside = _delegation(edge.exported_program().graph_module)
     _check_delegated(outside, gemms)
     path = Path(path)
     path.write_bytes(edge.to_executorch().buffer)
     with torch.no_grad():
-        reference = flat_tensors(model(*inputs))
+        reference = flat_tensors(deployable(model)(*inputs))
     tol = tolerance if tolerance is not None else (DYNAMIC_TOLERANCE if dynamic else STATIC_TOLERANCE)
     try:
         error = check_parity(reference, run(path, inputs), backend=BACKEND, tolerance=tol)
@@ -239,7 +251,7 @@ def _unsupported_dynamic_weight(model: nn.Module, path: str, p: QuantizedParams)
 # ---- lowering --------------------------------------------------------------------------
 
 
-def _lower(gm: fx.GraphModule, inputs: tuple):
+def _lower(gm: nn.Module, inputs: tuple):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
