@@ -17,26 +17,42 @@ from torch import fx
 
 
 def is_constant(node) -> bool:
-    """True if ``node`` depends on no graph input (only parameters, buffers, literals)."""
+    """True if ``node`` depends on no graph input (only parameters, buffers, literals).
+
+    Walks the inputs with an explicit stack: a deep network's activations reach back
+    through thousands of nodes, more than Python's recursion limit (mobilenet_v3, convnext).
+    """
     if not isinstance(node, fx.Node):
         return True
-    if node.op == "get_attr":
-        return True
-    if node.op not in ("call_function", "call_method", "call_module"):
-        return False
-    return all(is_constant(a) for a in node.all_input_nodes)
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op == "get_attr":
+            continue
+        if n.op not in ("call_function", "call_method", "call_module"):
+            return False  # a placeholder: the node depends on an input
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return True
 
 
 def param_path(node) -> str | None:
-    """The qualified name of the parameter a constant weight subgraph starts from."""
+    """The qualified name of the parameter a constant weight subgraph starts from.
+
+    Depth first along each node's inputs in order (the BN-fold scaling
+    ``fold_scale(weight, var, gamma)`` starts from the weight), with an explicit stack.
+    """
     if not isinstance(node, fx.Node):
         return None
-    if node.op == "get_attr":
-        return node.target
-    for arg in node.all_input_nodes:  # e.g. the BN-fold scaling: fold_scale(weight, var, gamma)
-        path = param_path(arg)
-        if path is not None:
-            return path
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            return n.target
+        stack.extend(reversed(n.all_input_nodes))  # the first input is visited first
     return None
 
 

@@ -23,6 +23,19 @@ from torch import fx, nn
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
 
 
+def _fused_activation(mod: nn.Module):
+    """The activation torch.ao fused into ``mod`` (``LinearReLU``, ``ConvReLU2d``, ...), or None.
+
+    torch.ao's ``prepare_qat_fx`` fuses Linear+ReLU and Conv+ReLU into one QAT module whose
+    forward applies the ReLU; a functional rewrite must keep it.
+    """
+    import torch.ao.nn.intrinsic as nni
+    import torch.ao.nn.intrinsic.qat as nniqat
+
+    fused_relu = (nni.LinearReLU, nni.ConvReLU1d, nni.ConvReLU2d, nniqat.LinearReLU, nniqat.ConvReLU1d, nniqat.ConvReLU2d)
+    return F.relu if isinstance(mod, fused_relu) else None
+
+
 def _base_type(mod: nn.Module) -> type | None:
     import torch.ao.nn.intrinsic.qat as nniqat
 
@@ -57,8 +70,10 @@ def functionalize_weighted_modules(gm: fx.GraphModule) -> None:
             else:
                 args = (node.args[0], weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups)
                 new = gm.graph.call_function(_CONV_FN[base], args)
+            activation = _fused_activation(mod)
+            out = new if activation is None else gm.graph.call_function(activation, (new,))
         new.meta = dict(node.meta)
         new.meta["statqat_module"] = (node.target, base)
-        node.replace_all_uses_with(new)
+        node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
     gm.recompile()

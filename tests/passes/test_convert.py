@@ -164,3 +164,14 @@ def test_bfloat16_model_converts_exactly():
     converted = sq.convert(qat)
     assert converted.fc1.weight_quant.dtype == torch.bfloat16
     assert same_bits(converted(x), qat.eval()(x))
+
+
+def test_a_deep_network_converts_without_hitting_the_recursion_limit():
+    """Before: is_constant walked an activation's inputs recursively back to the graph input,
+    and a deep network (mobilenet_v3_small, convnext_tiny) raised RecursionError in convert."""
+    layers = []
+    for _ in range(400):  # about 1,200 nodes deep with the quantizers: past Python's default limit
+        layers += [nn.Linear(8, 8), nn.ReLU()]
+    x = torch.randn(4, 8)
+    qat = sq.prepare_qat_fx(nn.Sequential(*layers), sq.statqat_qconfig, (x,))
+    assert torch.equal(sq.convert(qat)(x), qat.eval()(x))
