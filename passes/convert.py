@@ -36,7 +36,7 @@ from statqat_ao.quantizers.quantized import (
 )
 
 from .constants import constant_value, is_constant
-from .fold_bn import FoldedBatchNorm
+from .fold_bn import FoldedBatchNorm, deployed_fold, fold_scale
 from .functionalize import functionalize_weighted_modules
 from .trace import drop_string_annotations
 
@@ -122,7 +122,7 @@ def _convert_quantizer(gm, node, fq, cache) -> str:
     """Replace ``fq`` by its QuantizedParams (codes for a weight) and rewrite this call."""
     path = _quant_path(node.target)
     if len(node.args) == 1 and is_constant(node.args[0]):  # a weight: store its codes
-        weight = constant_value(node.args[0], gm, cache)
+        weight = deployed_weight(node.args[0], gm, cache)
         check_finite_weight(weight, path)
         params = QuantizedParams.from_tensor(weight, *quantizer_qparams(fq), fq.fmt)
     else:
@@ -131,6 +131,14 @@ def _convert_quantizer(gm, node, fq, cache) -> str:
     _set_module(gm, path, params)
     _replace_calls(gm, node, path)
     return path
+
+
+def deployed_weight(node: fx.Node, gm: fx.GraphModule, cache: dict) -> torch.Tensor:
+    """The value of a constant weight node as deployment stores it (a BN fold: zero-gamma channels zeroed)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is fold_scale:
+        args = [constant_value(a, gm, cache) if isinstance(a, fx.Node) else a for a in node.args]
+        return deployed_fold(*args)
+    return constant_value(node, gm, cache)
 
 
 def _to_eval(gm: fx.GraphModule) -> None:

@@ -27,8 +27,27 @@ from torch import fx, nn
 
 
 def fold_scale(weight: torch.Tensor, running_var: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``weight * gamma / sqrt(running_var + eps)`` per output channel."""
-    return weight * _bn_factor(running_var, gamma, eps).reshape(-1, *([1] * (weight.dim() - 1)))
+    """``weight * gamma / sqrt(running_var + eps)`` per output channel, with a zero ``gamma`` taken as 1.
+
+    A channel whose ``gamma`` is 0 (timm's ``zero_init_last``, torchvision's
+    ``zero_init_residual``) outputs ``beta`` whatever its weight, but training must still
+    see its conv to normalise it and give ``gamma`` a gradient: its weight is folded with
+    ``1 / sqrt(running_var + eps)``, and :class:`FoldedBatchNorm` masks it out in eval.
+    The deployed weight (:func:`deployed_fold`) is exactly zero there.
+    """
+    return weight * _bn_factor(running_var, _live_gamma(gamma), eps).reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def deployed_fold(weight: torch.Tensor, running_var: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The folded weight deployment stores: :func:`fold_scale` with the zero-``gamma`` channels zeroed."""
+    folded = fold_scale(weight, running_var, gamma, eps)
+    if gamma is None:
+        return folded
+    return folded * (gamma != 0).to(folded.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def _live_gamma(gamma: torch.Tensor | None) -> torch.Tensor | None:
+    return None if gamma is None else torch.where(gamma == 0, torch.ones_like(gamma), gamma)
 
 
 def _bn_factor(running_var, gamma, eps):
@@ -51,12 +70,13 @@ class FoldedBatchNorm(nn.Module):
             self.register_buffer(name, getattr(bn, name))
 
     def factor(self) -> torch.Tensor:
-        return _bn_factor(self.running_var, self.weight, self.eps)
+        """What the conv weight was folded with (:func:`fold_scale`: a zero gamma taken as 1)."""
+        return _bn_factor(self.running_var, _live_gamma(self.weight), self.eps)
 
     def folded_bias(self, conv_bias: torch.Tensor | None) -> torch.Tensor:
         """``beta + (b - running_mean) * gamma / sqrt(running_var + eps)``: the deployed conv bias."""
         b = -self.running_mean if conv_bias is None else conv_bias - self.running_mean
-        folded = b * self.factor()
+        folded = b * _bn_factor(self.running_var, self.weight, self.eps)
         return folded if self.bias is None else folded + self.bias
 
     def folded_bias_broadcast(self, conv_bias: torch.Tensor | None) -> torch.Tensor:
@@ -66,6 +86,8 @@ class FoldedBatchNorm(nn.Module):
     def forward(self, y: torch.Tensor, conv_bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = (1, -1) + (1,) * (y.dim() - 2)
         if not self.training:
+            if self.weight is not None:  # zero-gamma channels: their deployed weight is 0 (deployed_fold)
+                y = y * (self.weight != 0).to(y.dtype).reshape(shape)
             return y + self.folded_bias_broadcast(conv_bias)
         y = y / self.factor().reshape(shape)
         if conv_bias is not None:

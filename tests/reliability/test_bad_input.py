@@ -5,6 +5,8 @@ an Inf produced by the quantizer itself, a silent change of what the model compu
 an error that does not say which module or tensor and what to do.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -584,3 +586,56 @@ def test_the_pass_gives_an_empty_cat_operand_no_quantizer():
         for name, m in qat.named_modules():
             if isinstance(m, sq.FakeQuantizer):
                 assert m.is_initialized and m.scale.numel() >= 1 and float(m.scale.reshape(-1)[0]) != 1.0, name
+
+
+# --- batch norm with a zero weight (zero_init_residual / zero_init_last) ---------------------
+
+
+class ZeroInitResidual(nn.Module):
+    """conv -> bn -> residual add, with the bn's weight zeroed as torchvision / timm do."""
+
+    def __init__(self, zero_channels=slice(None)):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4 * 8 * 8, 3)
+        with torch.no_grad():
+            self.bn.weight[zero_channels] = 0.0
+
+    def forward(self, x):
+        return self.fc((x + self.bn(self.conv(x))).flatten(1))
+
+
+def test_a_zero_batch_norm_weight_folds_to_exact_zeros_and_still_learns():
+    """Before: the folded batch norm divided the conv output by gamma * rsqrt(var), 0/0: NaN at
+    the first QAT forward (timm's resnet18 could not be prepared)."""
+    torch.manual_seed(0)
+    model = ZeroInitResidual()
+    x, target = torch.randn(16, 4, 8, 8), torch.randint(0, 3, (16,))
+    reference = copy.deepcopy(model).train()
+    nn.functional.cross_entropy(reference(x), target).backward()
+    qat = sq.prepare_qat_fx(model.train(), sq.get_statqat_qconfig("int8", None), (x,))
+    loss = nn.functional.cross_entropy(qat(x), target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    gamma_grad = dict(qat.named_parameters())["bn.weight"].grad
+    # gamma learns as in the float model (INT8 weights: nearly the same conv output)
+    assert nn.functional.cosine_similarity(gamma_grad, reference.bn.weight.grad, dim=0) > 0.999
+    qat.eval()
+    converted = sq.convert(qat)
+    assert torch.equal(converted(x), qat(x))
+    codes = [m.codes for n, m in converted.named_modules() if n.startswith("conv") and getattr(m, "codes", None) is not None]
+    assert len(codes) == 1 and not codes[0].any()  # the deployed conv weight: exactly zero
+
+
+def test_partly_zero_batch_norm_weights_train_and_convert_exactly():
+    torch.manual_seed(0)
+    qat = sq.prepare_qat_fx(ZeroInitResidual(slice(0, None, 2)).train(), sq.statqat_qconfig, (torch.randn(16, 4, 8, 8),))
+    opt = torch.optim.SGD(qat.parameters(), lr=0.05)
+    for _ in range(3):
+        x, target = torch.randn(16, 4, 8, 8), torch.randint(0, 3, (16,))
+        loss = nn.functional.cross_entropy(qat(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    qat.eval()
+    assert torch.equal(sq.convert(qat)(x), qat(x))
