@@ -32,7 +32,7 @@ from statqat_ao.quantizers.nonfinite import NonFiniteTracking
 
 from .constants import constant_value, get_attr, param_path
 from .conv1d_as_linear import linearize_conv1d
-from .fold_bn import fold_batchnorm
+from .fold_bn import FoldedBatchNorm, fold_batchnorm
 from .functionalize import functionalize_weighted_modules
 from .patterns import (
     WEIGHTED_KINDS,
@@ -229,15 +229,33 @@ def prepare_qat_fx(
 
 @torch.no_grad()
 def _initialize(gm: fx.GraphModule, inserter: _Inserter, example_inputs, example_kwargs) -> None:
-    """First scales: weights from the weights themselves, activations from the example inputs."""
+    """First scales: weights from the weights themselves, activations from the example inputs.
+
+    Quantizers estimate in eval mode (once, with no training update). Batch norm runs as
+    the model will: a model prepared in training mode normalises with batch statistics, so
+    the first activation scales fit training's activations (with a fresh model's running
+    statistics, eval-mode activations are unnormalised and can be far smaller: MobileNetV2's
+    collapsed to 1e-8 at its first QAT step and went NaN at the third). The running
+    statistics are restored afterwards.
+    """
     was_training = gm.training
-    gm.eval()  # eval: quantizers estimate once if uninitialised; batch norm keeps its stats
+    gm.eval()
     cache: dict = {}
     for fq_node in inserter.weight_fq.values():
         fq = gm.get_submodule(fq_node.target)
         fq(constant_value(fq_node.args[0], gm, cache))
     if example_inputs is not None:
-        gm(*example_inputs, **(example_kwargs or {}))
+        norms = [m for m in gm.modules() if isinstance(m, (FoldedBatchNorm, nn.modules.batchnorm._BatchNorm))]
+        saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms]
+        for m in norms if was_training else ():
+            m.train()
+        try:
+            gm(*example_inputs, **(example_kwargs or {}))
+        finally:
+            for m, buffers in zip(norms, saved, strict=True):
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)
+                m.eval()
     for m in gm.modules():  # the first training forward is statistics update 0 (step 0)
         if isinstance(m, NonFiniteTracking):
             m.restart_update_count()
