@@ -38,6 +38,7 @@ from statqat_ao.backends.onnx_lower import (
 )
 from statqat_ao.backends.parity import (
     ExportReport,
+    UnsupportedModelError,
     as_tuple,
     check_formats,
     check_parity,
@@ -46,6 +47,7 @@ from statqat_ao.backends.parity import (
 )
 from torch import fx
 
+from statqat_ao.quantizers.dynamic import DynamicQuantizer
 from statqat_ao.quantizers.quantized import QuantizedParams
 
 BACKEND = "onnx"
@@ -155,6 +157,12 @@ def export(
     if fp4_form not in ("ort", "standard"):
         raise ValueError(f"fp4_form must be 'ort' or 'standard', got {fp4_form!r}")
     model = deployable(model)  # a Hugging Face causal LM: (input_ids[, attention_mask]) -> logits
+    dynamic = [name for name, m in model.named_modules() if isinstance(m, DynamicQuantizer)]
+    if dynamic:
+        raise UnsupportedModelError(
+            f"the onnx backend does not write per-token (dynamic) activation quantization yet ({dynamic[0]}, ...): "
+            "lower the model with statqat_ao.backends.torchao, or train with per-tensor activations"
+        )
     check_formats(model, BACKEND, lambda p, q: supports(p, q, fp4_form), SUPPORTED)
     inputs = as_tuple(example_inputs)
     needed = STANDARD_FP4_OPSET if fp4_form == "standard" else DEFAULT_OPSET

@@ -104,6 +104,11 @@ class _Inserter:
         return fq
 
     def _activation_fq(self, x: fx.Node, spec: QuantSpec, path: str) -> fx.Node:
+        if spec.granularity == "token":
+            raise ValueError(
+                f"{path}: per-token activations (activation_granularity='token') are dynamic and run in the "
+                "eager front end only: use sq.quantize_(model, qconfig), or per-tensor activations in graph mode"
+            )
         key = (x, spec)
         if key not in self.activation_fq:
             target = _register(self.gm, path, spec.make(True))

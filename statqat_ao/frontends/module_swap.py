@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from statqat_ao.quantizers.dynamic import DynamicQuantizer
 from statqat_ao.quantizers.nonfinite import NonFiniteTracking, name_quantizers
 from statqat_ao.quantizers.quantized import (
     ConvertError,
@@ -167,7 +168,9 @@ def to_quantized_linear(layer: nn.Module, path: str) -> QuantizedLinear:
     weight_quant = QuantizedParams.from_tensor(weight, *quantizer_qparams(fq), fq.fmt)
     input_quant = None
     afq = layer.input_fake_quant
-    if afq is not None and getattr(afq, "fake_quant_enabled", True):
+    if isinstance(afq, DynamicQuantizer):  # per token: stateless, applied as it trained
+        input_quant = afq if afq.fake_quant_enabled else None
+    elif afq is not None and getattr(afq, "fake_quant_enabled", True):
         check_convertible(afq, f"{path}.input_fake_quant")
         input_quant = QuantizedParams(afq.fmt, *quantizer_qparams(afq))
     bias = None if layer.bias is None else layer.bias.detach()

@@ -53,15 +53,18 @@ class QuantSpec:
         object.__setattr__(self, "fmt", fmt.name)
         if fmt.is_block_format and self.granularity == "channel":  # MX / NV blocks fix the group
             object.__setattr__(self, "granularity", fmt.block_size)
-        if self.method not in (*online_methods(), *LEARNED_METHODS):
+        if self.granularity == "token":  # dynamic: any offline estimator, run on every input
+            if self.method not in ESTIMATORS:
+                raise ValueError(f"unknown method {self.method!r} for per-token quantization; use one of {', '.join(ESTIMATORS)}")
+        elif self.method not in (*online_methods(), *LEARNED_METHODS):
             known = ", ".join((*online_methods(), *LEARNED_METHODS))
             hint = " (offline-only estimators cannot run per training step)" if self.method in ESTIMATORS else ""
             raise ValueError(f"unknown QAT method {self.method!r}{hint}; use one of {known}")
         if not self.symmetric and fmt.family != "int":
             raise ValueError(f"asymmetric quantization needs an INT format, got {fmt.name}")
         g = self.granularity
-        if not (g in ("tensor", "channel") or (isinstance(g, int) and not isinstance(g, bool) and g > 0)):
-            raise ValueError(f"granularity must be 'tensor', 'channel' or a positive int, got {g!r}")
+        if not (g in ("tensor", "channel", "token") or (isinstance(g, int) and not isinstance(g, bool) and g > 0)):
+            raise ValueError(f"granularity must be 'tensor', 'channel', 'token' or a positive int, got {g!r}")
 
     def make(self, is_activation: bool = False):
         """A fresh fake-quant module for this spec.
@@ -70,6 +73,12 @@ class QuantSpec:
         a torch.ao ``FakeQuantizeBase``, so ``model.apply(torch.ao.quantization.disable_observer)``
         works), or an LSQ module.
         """
+        if self.granularity == "token":
+            if not is_activation:
+                raise ValueError("per-token quantization is for activations (a Linear's input); weights take 'channel' or a group size")
+            from statqat_ao.quantizers.dynamic import DynamicQuantizer
+
+            return DynamicQuantizer(self.fmt, self.method, self.symmetric)
         if self.method == "lsq":
             from statqat_ao.quantizers.lsq import LSQFakeQuantize
 
@@ -97,11 +106,12 @@ def _spec(value, base: QuantSpec | None, kind: str) -> QuantSpec | None:
 
 
 def check_activation_spec(spec: QuantSpec) -> None:
-    """Activations are quantized per tensor with a per-tensor format (no MX/NV blocks)."""
-    if spec.granularity != "tensor" or get_format(spec.fmt).is_block_format:
+    """Activations are quantized per tensor (or per token, dynamically) with a per-tensor format (no MX/NV blocks)."""
+    if spec.granularity not in ("tensor", "token") or get_format(spec.fmt).is_block_format:
         raise ValueError(
-            f"activations are quantized per tensor; got {spec.fmt} with granularity "
-            f"{spec.granularity!r}. Use a per-tensor format such as int8, fp8_e4m3 or fp4_e2m1."
+            f"activations are quantized per tensor (or per token: activation_granularity='token'); got "
+            f"{spec.fmt} with granularity {spec.granularity!r}. Use a per-tensor format such as int8, "
+            "fp8_e4m3 or fp4_e2m1."
         )
 
 
@@ -238,7 +248,11 @@ def get_statqat_qconfig(
         weight, activation: format names (see ``statqat formats``); None keeps that
             tensor float (``activation=None``: weight-only QAT).
         weight_granularity: ``"channel"`` (per output channel) or an int group size.
-        weight_method, activation_method: ``analytic``, ``iterative``, ``minmax`` or ``lsq``.
+        activation_granularity: ``"tensor"`` (a scale estimated once per training step, frozen
+            in eval) or ``"token"`` (dynamic: every row of every input gets its own scale, in
+            training and deployment alike, as 8da4w runtimes do; eager :func:`statqat_ao.quantize_` only).
+        weight_method, activation_method: ``analytic``, ``iterative``, ``minmax`` or ``lsq``
+            (per-token activations: any estimator; ``minmax`` is what runtimes compute).
         overrides: ``{name_pattern: {"weight": ..., "activation": ...}}``.
         skip: name patterns of modules kept in float (e.g. the first conv, the last linear).
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dynamic import DynamicQuantizer
 from .quantized import QuantizedParams
 
 
@@ -29,7 +30,8 @@ class QuantizedLinear(nn.Module):
 
     Attributes:
         weight_quant: the weight's format, codes and scales (``[out, in]`` codes).
-        input_quant: the input's format and frozen scale, or None (weight-only).
+        input_quant: the input's format and frozen scale, a per-token
+            :class:`~statqat_ao.quantizers.dynamic.DynamicQuantizer`, or None (weight-only).
         bias: the float bias, or None.
         in_features, out_features: as ``nn.Linear``.
     """
@@ -38,7 +40,7 @@ class QuantizedLinear(nn.Module):
         self,
         weight_quant: QuantizedParams,
         bias: torch.Tensor | None = None,
-        input_quant: QuantizedParams | None = None,
+        input_quant: QuantizedParams | DynamicQuantizer | None = None,
     ):
         super().__init__()
         if weight_quant.codes is None or weight_quant.codes.dim() != 2:
