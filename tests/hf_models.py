@@ -71,3 +71,18 @@ def token_batch(batch: int = 2, seq: int = 16, seed: int = 1) -> tuple[torch.Ten
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     return ids, mask
+
+
+def train_decoder(model, steps: int = 2, lr: float = 0.05, seed: int = 1) -> list[float]:
+    """SGD steps called as HF training loops call the model (keywords, ``labels=``); the losses."""
+    ids, mask = token_batch(seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

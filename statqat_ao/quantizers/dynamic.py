@@ -27,9 +27,10 @@ from statqat_ao.numerics.formats import Format, get_format
 from statqat_ao.numerics.scale_formats import cap_scale
 
 from .fake_quant import fake_quantize
+from .toggle import FakeQuantToggle
 
 
-class DynamicQuantizer(nn.Module):
+class DynamicQuantizer(FakeQuantToggle, nn.Module):
     """Fake quantization per token (each row of the last dimension), scales from each input.
 
     Args:
@@ -73,12 +74,6 @@ class DynamicQuantizer(nn.Module):
     def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
         """What a converted layer applies to its input: the same per-token fake quant."""
         return self.forward(x)
-
-    def enable_fake_quant(self, enabled: bool = True) -> None:
-        self.fake_quant_enabled = enabled
-
-    def disable_fake_quant(self) -> None:
-        self.enable_fake_quant(False)
 
     @property
     def is_initialized(self) -> bool:

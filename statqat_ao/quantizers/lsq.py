@@ -23,6 +23,7 @@ from statqat_ao.parallel import distributed
 from .extra_state import pack_state, unpack_state
 from .fake_quant import fake_quantize
 from .nonfinite import NonFiniteTracking
+from .toggle import FakeQuantToggle
 
 
 def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
@@ -32,7 +33,7 @@ def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
     return t.detach() + (scaled - scaled.detach())
 
 
-class LSQFakeQuantize(NonFiniteTracking, nn.Module):
+class LSQFakeQuantize(FakeQuantToggle, NonFiniteTracking, nn.Module):
     """Fake quantization with a learned scale (LSQ).
 
     The scale is initialised from the first batch it sees (or by :meth:`initialize`).
@@ -105,12 +106,6 @@ class LSQFakeQuantize(NonFiniteTracking, nn.Module):
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The scale and zero point the forward quantizes with."""
         return self._positive(self.scale.detach()), self.zero_point
-
-    def enable_fake_quant(self, enabled: bool = True) -> None:
-        self.fake_quant_enabled = enabled
-
-    def disable_fake_quant(self) -> None:
-        self.enable_fake_quant(False)
 
     @property
     def is_initialized(self) -> bool:

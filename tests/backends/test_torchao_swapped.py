@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from hf_models import tiny_decoder, token_batch
+from hf_models import tiny_decoder, token_batch, train_decoder
 from statqat_ao.backends import torchao
 from statqat_ao.backends.parity import UnsupportedModelError
 
@@ -24,13 +24,7 @@ def converted(arch, qconfig):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = sq.quantize_(tiny_decoder(arch), qconfig).train()
-    ids, mask = token_batch()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(2):
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_decoder(model)
     return sq.convert(model)
 
 

@@ -10,7 +10,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import ARCHITECTURES, MORE_ARCHITECTURES, VOCAB, tiny_decoder, token_batch
+from hf_models import (
+    ARCHITECTURES,
+    MORE_ARCHITECTURES,
+    VOCAB,
+    tiny_decoder,
+    token_batch,
+    train_decoder,
+)
 from transformers.pytorch_utils import Conv1D
 
 import statqat_ao as sq
@@ -30,20 +37,6 @@ def quantize_quietly(model, qconfig):
 
 def weight_layers(model):
     return [n for n, m in model.named_modules() if type(m) in (torch.nn.Linear, Conv1D) and n != "lm_head"]
-
-
-def train(model, steps=3, lr=0.05, seed=1):
-    ids, mask = token_batch(seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -72,7 +65,7 @@ def test_trains_with_keywords_then_converts_bit_identically_and_generates(arch, 
     model = quantize_quietly(tiny_decoder(arch), qconfig)
     first = next(m for m in model.modules() if is_qat_linear(m))
     scale0 = first.weight_fake_quant.scale.clone()
-    losses = train(model)
+    losses = train_decoder(model, steps=3)
     assert losses[-1] < losses[0] and all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(first.weight_fake_quant.scale, scale0)  # scales followed the weights
 
@@ -108,7 +101,7 @@ def test_a_qat_linear_computes_the_fake_quantized_linear():
 def test_every_weight_method_trains_and_converts(method):
     qconfig = sq.get_statqat_qconfig("int4", None, weight_method=method, weight_granularity=32, skip=["lm_head"])
     model = quantize_quietly(tiny_decoder("llama"), qconfig)
-    train(model, steps=2)
+    train_decoder(model, steps=2)
     ids, mask = token_batch(seed=2)
     model.eval()
     with torch.no_grad():
@@ -125,8 +118,8 @@ def test_torchao_quantize_with_qat_config_matches_sq_quantize():
     not_head = lambda m, name: isinstance(m, torch.nn.Linear) and name != "lm_head"  # noqa: E731
     quantize_(theirs, QATConfig(config, step="prepare"), filter_fn=not_head)
     assert type(theirs.model.layers[0].mlp.up_proj).__name__ == "QATLinear"
-    train(ours, steps=2)
-    train(theirs, steps=2)
+    train_decoder(ours, steps=2)
+    train_decoder(theirs, steps=2)
     quantize_(theirs, QATConfig(config, step="convert"), filter_fn=not_head)
     ours = sq.convert(ours)
     for name, layer in theirs.named_modules():
@@ -162,11 +155,11 @@ def test_compiled_training_forward_has_no_graph_breaks(arch):
 def test_state_dict_round_trip_resumes_exactly(tmp_path):
     qconfig = sq.get_statqat_qconfig("int4", "int8", weight_method="iterative", weight_granularity=32, skip=["lm_head"])
     a = quantize_quietly(tiny_decoder("llama"), qconfig)
-    train(a, steps=2)
+    train_decoder(a, steps=2)
     torch.save(a.state_dict(), tmp_path / "qat.pt")
     b = quantize_quietly(tiny_decoder("llama", seed=5), qconfig)
     b.load_state_dict(torch.load(tmp_path / "qat.pt", weights_only=True))
-    assert train(a, steps=1, seed=3) == train(b, steps=1, seed=3)
+    assert train_decoder(a, steps=1, seed=3) == train_decoder(b, steps=1, seed=3)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
 
@@ -175,7 +168,7 @@ def test_save_pretrained_round_trip_with_load_qat_state(tmp_path):
     from transformers import LlamaForCausalLM
 
     model = quantize_quietly(tiny_decoder("llama"), W4A8)
-    train(model, steps=2)
+    train_decoder(model, steps=2)
     model.save_pretrained(tmp_path)
     loaded = LlamaForCausalLM.from_pretrained(tmp_path)
     loaded = sq.load_qat_state(quantize_quietly(loaded, W4A8), tmp_path)
@@ -217,7 +210,7 @@ def test_example_inputs_start_activation_scales_at_quantize_time():
 def test_more_decoders_swap_train_and_convert(arch):
     model = quantize_quietly(tiny_decoder(arch), W4A8)
     assert [n for n, m in model.named_modules() if is_qat_linear(m)] == weight_layers(tiny_decoder(arch))
-    train(model, steps=1)
+    train_decoder(model, steps=1)
     ids, mask = token_batch(seed=2)
     model.eval()
     with torch.no_grad():

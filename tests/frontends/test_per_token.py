@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import tiny_decoder, token_batch
+from hf_models import tiny_decoder, token_batch, train_decoder
 from statqat_ao.backends import onnx as sq_onnx
 from statqat_ao.backends import torchao
 from statqat_ao.backends.parity import UnsupportedModelError
@@ -38,15 +38,9 @@ def test_each_token_gets_its_own_minmax_scale():
 
 
 def test_a_decoder_trains_converts_bit_identically_and_lowers():
-    model = quantized(tiny_decoder("llama")).train()
+    model = quantized(tiny_decoder("llama"))
+    assert all(torch.isfinite(torch.tensor(train_decoder(model))))
     ids, mask = token_batch()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(2):
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        assert torch.isfinite(loss)
     model.eval()
     with torch.no_grad():
         q = sq.convert(model)
