@@ -105,12 +105,17 @@ _BATCH_NORM_OPS = {
 
 
 def unfolded_batch_norm(node: fx.Node) -> str | None:
-    """A batch-norm *function* after a conv (the torch.export path): it cannot be folded."""
+    """A batch-norm *function* after a conv: the pass folds ``nn.BatchNorm`` modules only."""
     if node.op == "call_function" and node.target in _BATCH_NORM_OPS:
         producer = node.args[0]
         if isinstance(producer, fx.Node) and producer.target in (F.conv1d, F.conv2d, aten.conv1d.default, aten.conv2d.default):
             owner = weight_owner(node.args[1]) if len(node.args) > 1 else None
-            return f"{owner or node.name} (BatchNorm after a conv, not folded on the torch.export path)"
+            where = (
+                "the torch.export path inlines batch norm modules"
+                if node.target is not F.batch_norm
+                else "a module calls F.batch_norm itself (e.g. timm's BatchNormAct2d); only nn.BatchNorm modules are folded"
+            )
+            return f"{owner or node.name} (BatchNorm after a conv, not folded: {where})"
     return None
 
 

@@ -224,3 +224,24 @@ def test_type_overrides_apply_on_the_export_path():
     qc = sq.statqat_qconfig.override_type(nn.Linear, weight="int8")
     qat = sq.prepare_qat_fx(MaskedLookup(), qc, (torch.randn(4, 8),))  # fx cannot trace it
     assert qat.fc.weight_fake_quant.fmt.name == "int8"
+
+
+def test_a_functional_batch_norm_after_a_conv_is_named_with_the_right_reason():
+    """timm's BatchNormAct2d calls F.batch_norm itself: not folded. Before, the warning blamed
+    'the torch.export path' although the model went through torch.fx."""
+
+    class BatchNormAct(nn.BatchNorm2d):  # the shape of timm's BatchNormAct2d
+        def forward(self, x):
+            y = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+            return torch.relu(y)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3), BatchNormAct(8)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    with pytest.warns(UserWarning, match=r"bn \(BatchNorm after a conv, not folded: a module calls F.batch_norm itself"):
+        sq.prepare_qat_fx(Net(), sq.statqat_qconfig, (torch.randn(2, 3, 8, 8),), trace_method="fx")
