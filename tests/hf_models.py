@@ -18,42 +18,22 @@ from transformers import (
 
 VOCAB = 256
 
+# The size every tiny decoder shares (each architecture's own config class, defaults otherwise).
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+)  # fmt: skip
+
 CONFIGS = {
-    "llama": lambda: LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        )
-    ),
-    "qwen2": lambda: Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        )
-    ),
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY)),
     "gpt2": lambda: GPT2LMHeadModel(
         GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
     ),
-    "phi3": lambda: Phi3ForCausalLM(
-        Phi3Config(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2,
-        )
-    ),
-    "mistral": lambda: MistralForCausalLM(
-        MistralConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        )
-    ),
-    "gemma": lambda: GemmaForCausalLM(
-        GemmaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        )
-    ),
-}  # fmt: skip
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**TINY)),
+    "gemma": lambda: GemmaForCausalLM(GemmaConfig(**TINY, head_dim=16)),
+}
 
 ARCHITECTURES = ["llama", "qwen2", "gpt2"]  # every entry point
 MORE_ARCHITECTURES = ["phi3", "mistral", "gemma"]  # prepare, train, convert

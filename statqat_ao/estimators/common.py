@@ -12,6 +12,31 @@ def usable_scale(s: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(s) & (s > 0)
 
 
+def with_fallback(
+    s: torch.Tensor,
+    zp: torch.Tensor,
+    s_minmax: torch.Tensor,
+    zp_minmax: torch.Tensor,
+    previous: torch.Tensor,
+    finite: torch.Tensor | bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Branch-free (no graph break): the estimate where it is usable, else MinMax's, else ``previous``.
+
+    Sums of squares overflow float32 above ~1e19 (and underflow below ~1e-19) where the
+    maximum does not, so MinMax's scale is the first fallback; an all-zero block keeps
+    ``previous`` (zero point 0). Where ``finite`` is False nothing is taken from the batch.
+
+    Example:
+        >>> s, zp = with_fallback(torch.tensor([0.0, 2.0]), torch.zeros(2), torch.tensor([0.0, 1.0]), torch.zeros(2), torch.ones(2))
+        >>> s.tolist()
+        [1.0, 2.0]
+    """
+    estimated, fallback = finite & usable_scale(s), finite & usable_scale(s_minmax)
+    s = torch.where(estimated, s, torch.where(fallback, s_minmax, previous.expand_as(s)))
+    zp = torch.where(estimated, zp, torch.where(fallback, zp_minmax, torch.zeros_like(zp)))
+    return s.clamp(min=torch.finfo(torch.float32).tiny), zp
+
+
 def error_model_gmax(fmt: Format, symmetric: bool) -> float:
     """Largest value of the grid as the error model and the clip point see it."""
     return fmt.clip_code(symmetric)

@@ -53,7 +53,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _estimate_weight(layer: nn.Module) -> None:
+def estimate_weight_scale(layer: nn.Module) -> None:
     """The weight's first scale now, at swap time (an optimizer built next sees its final shape)."""
     fq = layer.weight_fake_quant
     if fq is None:
@@ -113,7 +113,7 @@ def quantize_(
             _set_submodule(model, name, layer)
         else:
             raise ValueError("quantize_ swaps submodules; wrap a bare linear layer in a container (nn.Sequential)")
-        _estimate_weight(layer)
+        estimate_weight_scale(layer)
         swapped.append(name)
     if not swapped:
         raise ValueError(

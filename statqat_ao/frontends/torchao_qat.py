@@ -43,7 +43,7 @@ from torchao.quantization.transform_module import (
 
 from statqat_ao.numerics.blocks import Granularity
 
-from .module_swap import _estimate_weight, to_quantized_linear
+from .module_swap import estimate_weight_scale, to_quantized_linear
 from .qat_linear import is_qat_linear, swap_builder
 from .qconfig import StatQATQConfig, get_statqat_qconfig
 
@@ -89,7 +89,7 @@ def _prepare(module: nn.Module, config: StatQATConfig) -> nn.Module:
         raise ValueError(f"StatQATConfig swaps nn.Linear and transformers' Conv1D, not {type(module).__name__}")
     qconfig = config.qconfig()
     layer = builder(module, qconfig.weight, qconfig.activation)
-    _estimate_weight(layer)
+    estimate_weight_scale(layer)
     return layer
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from statqat_ao.estimators import get_estimator, minmax_qparams
-from statqat_ao.estimators.common import usable_scale
+from statqat_ao.estimators.common import with_fallback
 from statqat_ao.numerics.formats import Format, get_format
 from statqat_ao.numerics.scale_formats import cap_scale
 
@@ -56,13 +56,9 @@ class DynamicQuantizer(FakeQuantToggle, nn.Module):
         """Per-row ``(scale, zero_point)`` of ``x``, shaped ``[..., 1]``."""
         rows = x.detach().float().reshape(-1, x.shape[-1])
         s, zp = self.estimator.estimate(rows, self.fmt, self.symmetric)
-        # Branch-free fallbacks (no graph break): MinMax's scale where the estimate is not
-        # usable, 1.0 for an all-zero row (zeros quantize to zeros at any scale).
-        s_mm, zp_mm = minmax_qparams(rows, self.fmt, self.symmetric)
-        ok, ok_mm = usable_scale(s), usable_scale(s_mm)
-        s = torch.where(ok, s, torch.where(ok_mm, s_mm, torch.ones_like(s)))
-        zp = torch.where(ok, zp, torch.where(ok_mm, zp_mm, torch.zeros_like(zp)))
-        s = cap_scale(s.clamp(min=torch.finfo(torch.float32).tiny), x.dtype, self.fmt, self.symmetric)
+        # An all-zero row takes 1.0 (zeros quantize to zeros at any scale).
+        s, zp = with_fallback(s, zp, *minmax_qparams(rows, self.fmt, self.symmetric), torch.ones_like(s))
+        s = cap_scale(s, x.dtype, self.fmt, self.symmetric)
         shape = (*x.shape[:-1], 1)
         return s.reshape(shape), zp.to(torch.int32).reshape(shape)
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from statqat_ao.estimators import get_estimator, minmax_qparams, online_methods
-from statqat_ao.estimators.common import usable_scale
+from statqat_ao.estimators.common import with_fallback
 from statqat_ao.estimators.registry import OnlineStep
 from statqat_ao.numerics.block_stats import tensor_abs_max
 from statqat_ao.numerics.blocks import BlockLayout, Granularity, block_layout
@@ -106,7 +106,7 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         # A Python-level decision: None in a single process, so nothing else is traced.
         group = distributed.statistics_group(self, x, getattr(self, "process_group", distributed.DEFAULT))
         nonempty = [t for t in (x, *more) if t.numel()]
-        if nonempty and len(nonempty) <= len(more):  # some operands of a shared quantizer are empty:
+        if 0 < len(nonempty) < 1 + len(more):  # some operands of a shared quantizer are empty:
             x, *rest = nonempty  # the scale comes from the others (an empty one has nothing to add)
             more = tuple(rest)
         if not nonempty:
@@ -145,16 +145,11 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         warm = self._scale_shape == layout.scale_shape
         last = (self.scale.reshape(-1), self.zero_point.reshape(-1).float()) if warm else (None, None)
         s, zp = estimator.online(OnlineStep(blocks, more, self.fmt, self.symmetric, *last))
-        # Branch-free guards. A block without a usable estimate takes MinMax's scale
-        # (sums of squares overflow float32 above ~1e19, and underflow below ~1e-19, where
-        # the maximum does not), else keeps its previous scale (1.0 before the first): an
-        # all-zero block. A batch holding NaN or Inf changes no scale at all.
+        # A block without a usable estimate takes MinMax's scale, else keeps its previous
+        # one (1.0 before the first); a batch holding NaN or Inf changes no scale at all.
         s_mm, zp_mm = (s, zp) if estimator.name == "minmax" else minmax_qparams(blocks, self.fmt, self.symmetric)
         previous = self.scale.reshape(-1).to(s.dtype) if warm else torch.ones_like(s)
-        estimated, fallback = usable_scale(s), usable_scale(s_mm)
-        s = torch.where(finite & estimated, s, torch.where(finite & fallback, s_mm, previous.expand_as(s)))
-        zp = torch.where(finite & estimated, zp, torch.where(finite & fallback, zp_mm, torch.zeros_like(zp)))
-        s = s.clamp(min=torch.finfo(torch.float32).tiny)
+        s, zp = with_fallback(s, zp, s_mm, zp_mm, previous, finite)
         if self.fmt.is_block_format:
             ts = nvfp4_tensor_scale(tensor_abs_max(x)) if self.fmt.scale_format == "fp8_e4m3" else None
             s = round_scale(blocks, s, self.fmt, estimator.standard_scale_rounding, ts)
