@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# torchvision and timm for the vision tests, kept out of the venv's site-packages: PyPI's
+# torchvision 0.28.0 is a CUDA build whose C ops fail next to the CPU torch, and
+# transformers imports torchvision when it finds it. tests/vision puts this folder on
+# sys.path behind a stub for torchvision's op registrations (the model code is Python).
+VISION := $(VENV)/vision-site
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -16,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[onnx,executorch,dev]'
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt --upgrade --target $(VISION) torchvision timm
 	touch $(STAMP)
 
 test: $(STAMP)

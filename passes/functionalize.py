@@ -36,14 +36,13 @@ def _fused_activation(mod: nn.Module):
     return F.relu if isinstance(mod, fused_relu) else None
 
 
-def _base_type(mod: nn.Module) -> type | None:
+def _is_conv_bn(mod: nn.Module) -> bool:
     import torch.ao.nn.intrinsic.qat as nniqat
 
-    if isinstance(mod, nniqat.modules.conv_fused._ConvBnNd):
-        raise NotImplementedError(
-            f"{type(mod).__name__} (torch.ao's fused conv-bn QAT module) folds batch norm its own way; "
-            "prepare with statqat_ao.prepare_qat_fx, or convert with torch.ao's convert_fx"
-        )
+    return isinstance(mod, nniqat.modules.conv_fused._ConvBnNd)
+
+
+def _base_type(mod: nn.Module) -> type | None:
     for base in (nn.Linear, nn.Conv1d, nn.Conv2d):
         if isinstance(mod, base):
             return base
@@ -56,6 +55,9 @@ def functionalize_weighted_modules(gm: fx.GraphModule) -> None:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
+        if _is_conv_bn(mod):
+            _functionalize_conv_bn(gm, node, mod)
+            continue
         base = _base_type(mod)
         if base is None or getattr(mod, "padding_mode", "zeros") != "zeros" or len(node.args) != 1 or node.kwargs:
             continue
@@ -77,3 +79,52 @@ def functionalize_weighted_modules(gm: fx.GraphModule) -> None:
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
     gm.recompile()
+
+
+def _functionalize_conv_bn(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> None:
+    """torch.ao's fused QAT ``ConvBn*d`` / ``ConvBnReLU*d`` as the ops its forward computes.
+
+    The same ops in the same order as ``_ConvBnNd._forward_approximate``: the weight scaled
+    by ``gamma / sqrt(running_var + eps)`` goes through the module's ``weight_fake_quant``
+    (convert stores its codes), the conv output is divided by that factor again, the conv
+    bias added, and the module's own ``bn`` applied (running statistics in eval). A
+    converted model therefore computes what the QAT module computes in eval, bit for bit.
+    """
+    if getattr(mod, "_enable_slow_path_for_better_numerical_stability", False):
+        raise NotImplementedError(
+            f"{node.target} ({type(mod).__name__}) uses torch.ao's slow conv-bn path; convert supports its "
+            "default (approximate) path: leave _enable_slow_path_for_better_numerical_stability off, or "
+            "prepare with statqat_ao.prepare_qat_fx"
+        )
+    if len(node.args) != 1 or node.kwargs or getattr(mod, "padding_mode", "zeros") != "zeros":
+        raise NotImplementedError(f"{node.target} ({type(mod).__name__}): only zero padding and one input are supported")
+    import operator
+
+    import torch
+
+    t, g = node.target, gm.graph
+    dims = mod.weight.dim()
+    weight_shape, bias_shape = [-1] + [1] * (dims - 1), [1, -1] + [1] * (dims - 2)
+    conv_fn = F.conv1d if dims == 3 else F.conv2d
+    with g.inserting_before(node):
+        running_std = g.call_function(torch.sqrt, (g.call_function(operator.add, (g.get_attr(f"{t}.bn.running_var"), mod.bn.eps)),))
+        factor = g.call_function(operator.truediv, (g.get_attr(f"{t}.bn.weight"), running_std))
+        scaled = g.call_function(operator.mul, (g.get_attr(f"{t}.weight"), g.call_method("reshape", (factor, weight_shape))))
+        weight = g.call_module(f"{t}.weight_fake_quant", (scaled,))
+        zero_bias = g.call_function(torch.zeros_like, (factor,))
+        conv = g.call_function(conv_fn, (node.args[0], weight, zero_bias, mod.stride, mod.padding, mod.dilation, mod.groups))
+        out = g.call_function(operator.truediv, (conv, g.call_method("reshape", (factor, bias_shape))))
+        if mod.bias is not None:
+            out = g.call_function(operator.add, (out, g.call_method("reshape", (g.get_attr(f"{t}.bias"), bias_shape))))
+        out = g.call_module(f"{t}.bn", (out,))
+        if _fused_activation_conv_bn(mod):
+            out = g.call_function(F.relu, (out,))
+    conv.meta = dict(node.meta)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
+def _fused_activation_conv_bn(mod: nn.Module) -> bool:
+    import torch.ao.nn.intrinsic.qat as nniqat
+
+    return isinstance(mod, (nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d))

@@ -93,7 +93,23 @@ def unsupported_weighted_op(node: fx.Node, gm: fx.GraphModule) -> str | None:
         has_params = any(True for _ in mod.parameters(recurse=True))
         if has_params and op_kind(node, gm) is None and not is_float_by_design(mod):
             return f"{node.target} ({type(mod).__name__})"
+    if node.op == "call_function" and op_kind(node, gm) is None:
+        # A function the trace kept whole (torch.fx.wrap, e.g. torchvision's
+        # shifted_window_attention) that reads weight matrices: the pass cannot see the
+        # GEMMs inside it, so those weights stay float.
+        weights = [a.target for a in node.all_input_nodes if a.op == "get_attr" and _is_weight_matrix(gm, a.target)]
+        if weights:
+            name = getattr(node.target, "__name__", str(node.target))
+            return f"{', '.join(weights)} (read inside {name}, which the trace keeps whole)"
     return None
+
+
+def _is_weight_matrix(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        value = gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return value.dim() >= 2
 
 
 _BATCH_NORM_OPS = {

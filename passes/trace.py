@@ -24,6 +24,48 @@ class TraceError(RuntimeError):
     """The model could not be traced; the message names the construct and the way out."""
 
 
+def reads_training_flag(module: nn.Module) -> bool:
+    """A module without parameters, buffers or children whose ``forward`` reads ``self.training``.
+
+    Stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath``) and custom
+    dropouts are such modules. Traced through, fx evaluates ``self.training`` once and bakes
+    the trace-time mode into the graph (a model traced in training mode stays random in
+    eval); kept as a module, ``.train()`` / ``.eval()`` switch it as on the original model.
+    """
+    if next(module.children(), None) is not None or next(module.parameters(), None) is not None:
+        return False
+    if next(module.buffers(), None) is not None:
+        return False
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return "self.training" in source
+
+
+class ModeAwareTracer(fx.Tracer):
+    """torch.fx's tracer, keeping modules that read ``self.training`` as leaves (see :func:`reads_training_flag`)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or reads_training_flag(m)
+
+
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with :class:`ModeAwareTracer`.
+
+    Example:
+        >>> class DropPath(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * (torch.rand(x.shape[0], 1) > 0.5) if self.training else x
+        >>> gm = symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), DropPath()))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    graph = ModeAwareTracer().trace(model)
+    name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
+    return fx.GraphModule(model, graph, name)
+
+
 def _fx_failure_site(exc: BaseException) -> str:
     """The innermost frame of the model's own code in a tracing traceback."""
     import statqat_ao.numerics
@@ -71,7 +113,7 @@ def trace(
     fx_error: BaseException | None = None
     if method in ("auto", "fx") and not isinstance(model, fx.GraphModule):
         try:
-            return drop_string_annotations(fx.symbolic_trace(model)), "fx"
+            return drop_string_annotations(symbolic_trace(model)), "fx"
         except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
             fx_error = exc
             if method == "fx":

@@ -72,3 +72,38 @@ def test_sq_convert_keeps_the_relu_torch_ao_fused_into_linear_and_conv():
     qat.eval()
     x_test = digits()[2][:100]
     assert torch.equal(sq.convert(qat)(x_test), qat(x_test))
+
+
+class ConvBnNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8)  # ConvBnReLU2d
+        self.relu = torch.nn.ReLU()
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3, bias=False), torch.nn.BatchNorm2d(8)  # ConvBn2d
+        self.fc = torch.nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.fc(self.bn2(self.conv2(x)).flatten(1))
+
+
+def test_sq_convert_takes_torch_ao_fused_conv_bn_modules():
+    """torch.ao fuses Conv+BN(+ReLU) into ConvBn2d / ConvBnReLU2d. Before, sq.convert refused
+    them ("convert with torch.ao's convert_fx"), and convert_fx cannot hold INT4 weights, so
+    such a model could not be deployed with the default qconfig."""
+    torch.manual_seed(0)
+    x = digits()[0][:64]
+    qat = prepare_qat_fx(ConvBnNet().train(), sq.statqat_qconfig, (x,))
+    fused = {type(m).__name__ for m in qat.modules()}
+    assert {"ConvBnReLU2d", "ConvBn2d"} <= fused
+    qat_losses(qat, steps=5)
+    qat.eval()
+    x_test = digits()[2][:100]
+    converted = sq.convert(qat)
+    assert torch.equal(converted(x_test), qat(x_test))
+    codes = converted.get_submodule("conv1").weight_quant.codes
+    assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7  # INT4 codes
+    # The codes are the ones of the batch-norm-scaled weight torch.ao's module fake-quantizes.
+    bn = qat.conv1.bn
+    scaled = qat.conv1.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
+    assert torch.equal(converted.get_submodule("conv1").weight_quant.dequantize(), qat.conv1.weight_fake_quant(scaled))

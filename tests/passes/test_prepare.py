@@ -245,3 +245,67 @@ def test_a_functional_batch_norm_after_a_conv_is_named_with_the_right_reason():
 
     with pytest.warns(UserWarning, match=r"bn \(BatchNorm after a conv, not folded: a module calls F.batch_norm itself"):
         sq.prepare_qat_fx(Net(), sq.statqat_qconfig, (torch.randn(2, 3, 8, 8),), trace_method="fx")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm and torchvision write it: a parameter-free module reading self.training."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = (torch.rand(x.shape[0], 1) > 0.5).to(x.dtype)
+        return x * keep / 0.5
+
+
+class ResidualDropPath(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.drop_path = nn.Linear(16, 16), nn.Linear(16, 4), DropPath()
+
+    def forward(self, x):
+        x = x + self.drop_path(torch.relu(self.fc1(x)))
+        return self.fc2(x)
+
+
+def test_stochastic_depth_follows_train_and_eval_after_tracing_in_training_mode():
+    """Before: fx evaluated `self.training` at trace time and baked the random branch into the
+    graph, so a model prepared in training mode stayed random in eval (torchvision's Swin:
+    two eval runs differed by 0.43)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    qat = sq.prepare_qat_fx(ResidualDropPath().train(), sq.statqat_qconfig, (x,))
+    assert isinstance(qat.drop_path, DropPath)  # kept as a module
+    qat.eval()
+    with torch.no_grad():
+        assert torch.equal(qat(x), qat(x))
+        converted = sq.convert(qat)
+        assert torch.equal(converted(x), qat(x))
+    qat.train()
+    with torch.no_grad():
+        assert not torch.equal(qat(x), qat(x))  # still stochastic in training
+
+
+def _opaque_attention(x, qkv_weight, proj_weight):
+    q, k, v = nn.functional.linear(x, qkv_weight).chunk(3, dim=-1)
+    return nn.functional.linear(torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v, proj_weight)
+
+
+torch.fx.wrap("_opaque_attention")
+
+
+class OpaqueAttentionBlock(nn.Module):
+    """torchvision's Swin shape: Linear weights handed to a function fx keeps whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj, self.head = nn.Linear(8, 24, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(_opaque_attention(x, self.qkv.weight, self.proj.weight))
+
+
+def test_weights_read_inside_a_wrapped_function_are_named_as_staying_float():
+    """Before: torchvision's Swin kept 24 of its 53 weights float with no warning."""
+    with pytest.warns(UserWarning, match=r"qkv\.weight, proj\.weight \(read inside _opaque_attention, which the trace keeps whole\)"):
+        qat = sq.prepare_qat_fx(OpaqueAttentionBlock(), sq.statqat_qconfig, (torch.randn(2, 5, 8),), trace_method="fx")
+    assert "head.weight_fake_quant" in _fq_paths(qat)

@@ -1,0 +1,111 @@
+"""Real torchvision and timm classifiers through the graph pass, as users bring them.
+
+Random init, 64x64 inputs, the default qconfig (INT4 weights, INT8 activations), two SGD
+steps, then the checks a deployment needs: training stays finite, eval is deterministic,
+and the converted model equals the QAT model in eval bit for bit (whatever mode convert
+is handed the model in). The slow set covers more of the zoo (`make test-slow`).
+"""
+
+import importlib
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import statqat_ao as sq
+
+# torchvision and timm live in `.venv/vision-site` (see the Makefile), not in the venv:
+# PyPI's torchvision 0.28.0 is a CUDA build whose import fails next to the CPU torch while
+# it registers fake kernels for its C ops ("operator torchvision::nms does not exist"),
+# and transformers imports torchvision wherever it finds it. The classification models
+# are plain Python and never call those ops, so a stub for that one registration module
+# lets them build. The folder is on sys.path only while importing, so other processes
+# (the distributed tests' workers inherit sys.path) never find torchvision.
+VISION_SITE = Path(sys.prefix) / "vision-site"
+SKIP_REASON = f"torchvision / timm are not installed (make install puts them in {VISION_SITE})"
+
+
+def _import_vision():
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    sys.path.append(str(VISION_SITE))
+    try:
+        return importlib.import_module("torchvision"), importlib.import_module("timm")
+    except ImportError:
+        return None, None
+    finally:
+        sys.path.remove(str(VISION_SITE))
+
+
+torchvision, timm = _import_vision()
+pytestmark = pytest.mark.skipif(torchvision is None, reason=SKIP_REASON)
+
+# resnet18 (timm's zero_init_last: zero batch-norm weights), mobilenet_v3_small (a graph
+# deep enough to exhaust a recursive walk), swin_t (stochastic depth and an attention
+# function fx keeps whole).
+FAST = ["torchvision:resnet18", "timm:resnet18", "torchvision:mobilenet_v3_small", "torchvision:swin_t"]
+SLOW = [
+    "torchvision:mobilenet_v2",
+    "torchvision:shufflenet_v2_x0_5",
+    "torchvision:convnext_tiny",
+    "torchvision:regnet_y_400mf",
+    "timm:efficientnet_b0",
+]
+
+
+def build(name: str) -> torch.nn.Module:
+    library, arch = name.split(":")
+    if library == "torchvision":
+        return getattr(torchvision.models, arch)()
+    return timm.create_model(arch, pretrained=False)
+
+
+def _prepared_and_trained(name: str, x: torch.Tensor):
+    torch.manual_seed(0)
+    model = build(name).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = sq.prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3, momentum=0.9)
+    for _ in range(2):
+        out = qat(x)
+        assert torch.isfinite(out).all(), f"{name}: non-finite QAT output"
+        loss = torch.nn.functional.cross_entropy(out, torch.arange(len(x)) % out.shape[1])
+        optimizer.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in qat.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), f"{name}: non-finite gradient"
+        optimizer.step()
+    return qat
+
+
+@pytest.mark.parametrize("name", FAST + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW])
+def test_prepare_train_and_convert_exactly(name):
+    x = torch.randn(4, 3, 64, 64)
+    qat = _prepared_and_trained(name, x)
+    converted = sq.convert(qat)  # handed over in training mode: convert computes eval numerics
+    qat.eval()
+    with torch.no_grad():
+        reference = qat(x)
+        assert torch.equal(qat(x), reference), f"{name}: eval is not deterministic"
+        assert torch.equal(converted(x), reference), f"{name}: converted != QAT model in eval"
+
+
+def test_torch_ao_prepare_qat_fx_on_resnet18_converts_exactly():
+    """torch.ao fuses resnet18's Conv+BN(+ReLU) into ConvBn2d / ConvBnReLU2d; sq.convert takes them."""
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)
+    qat = prepare_qat_fx(torchvision.models.resnet18().train(), sq.statqat_qconfig, (x,))
+    assert {"ConvBnReLU2d", "ConvBn2d"} <= {type(m).__name__ for m in qat.modules()}
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    for _ in range(2):
+        qat(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    qat.eval()
+    with torch.no_grad():
+        assert torch.equal(sq.convert(qat)(x), qat(x))
