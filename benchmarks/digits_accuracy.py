@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import statqat_ao as sq
-from statqat_ao.tools.models import DigitsCNN, load_digits_split
+from statqat_ao.models import DigitsCNN, load_digits_split
 from statqat_ao.tools.training import train_classifier
 
 warnings.filterwarnings("ignore")

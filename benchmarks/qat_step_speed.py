@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 import statqat_ao as sq
-from statqat_ao.tools.models import DigitsCNN, TransformerBlock, load_digits_split
+from statqat_ao.models import DigitsCNN, TransformerBlock, load_digits_split
 
 warnings.filterwarnings("ignore")
 

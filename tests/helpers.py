@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from statqat_ao.tools.models import load_digits_split
+from statqat_ao.models import load_digits_split
 
 
 class MLP(nn.Module):

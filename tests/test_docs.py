@@ -19,7 +19,10 @@ BLOCKS = [b for n, b in enumerate(ALL_BLOCKS) if b[2] not in {a[2] for a in ALL_
 
 def _runnable(block: str) -> bool:
     # Fragments that need a user's own model and inputs, or a torchrun launch, are shown, not run.
-    return "model.train()" not in block and "export(model" not in block
+    if "torchrun" in block:
+        return False
+    defines_model = re.search(r"^\s*model\s*(,[^=\n]*)?=", block, re.M)
+    return bool(defines_model) or ("model.train()" not in block and "export(model" not in block)
 
 
 @pytest.mark.parametrize(

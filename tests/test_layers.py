@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Lowest first: a module may import its own layer and the ones before it.
-LAYERS = ("numerics", "parallel", "estimators", "quantizers", "frontends", "passes", "backends", "tools")
+LAYERS = ("numerics", "parallel", "estimators", "quantizers", "frontends", "passes", "backends", "models", "tools")
 RANK = {name: i for i, name in enumerate(LAYERS)}
 ROOT_RANK = len(LAYERS)  # statqat_ao/__init__.py re-exports everything
 SOURCE_DIRS = {"statqat_ao": REPO / "statqat_ao", "statqat_ao.passes": REPO / "passes", "statqat_ao.backends": REPO / "backends"}

@@ -28,13 +28,41 @@ def _formats(_: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    return _DEMOS[args.which](args)
+
+
+def _demo_llm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from statqat_ao.models import ModelNotInstalledError
+
+    from .llm_demo import LLMDemoSettings, format_table, run_llm_demo
+
+    granularity = None if args.granularity is None else (args.granularity if args.granularity == "channel" else int(args.granularity))
+    settings = LLMDemoSettings.for_run(args.quick, fmt=args.format, granularity=granularity, steps=args.steps, num_layers=args.layers)
+    print(
+        f"statqat demo: SmolLM2-135M weight-only {settings.fmt} QAT, MinMax against StatQAT, "
+        f"{settings.steps} steps of batch {settings.batch} x {settings.window} tokens on pydoc text"
+    )
+    out = Path(args.out)
+    try:
+        results = run_llm_demo(out, settings, progress=not args.no_progress)
+    except ModelNotInstalledError as err:
+        print(f"statqat demo: {err}\n(or run the digits demo: statqat demo digits)", file=sys.stderr)
+        return 2
+    print("\n" + format_table(results))
+    print(f"\nwrote {out / 'results.json'}, {out / 'training_curves.png'}, {out / 'layer_snr.png'}, {out / 'run_info.json'}")
+    return 0
+
+
+def _demo_digits(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .demo import DemoSettings, format_table, run_demo
 
     settings = DemoSettings.for_run(args.quick, args.seeds)
     print(
-        f"statqat demo: DigitsCNN on sklearn's digits, float then W4A4 QAT (int4, fp4_e2m1) with "
+        f"statqat demo digits: DigitsCNN on sklearn's digits, float then W4A4 QAT (int4, fp4_e2m1) with "
         f"minmax, lsq, octav, analytic, iterative; {settings.seeds} seed(s)"
     )
     out = Path(args.out)
@@ -42,6 +70,9 @@ def _demo(args: argparse.Namespace) -> int:
     print("\n" + format_table(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'training_curves.png'}, {out / 'layer_snr.png'}, {out / 'run_info.json'}")
     return 0
+
+
+_DEMOS = {"llm": _demo_llm, "digits": _demo_digits}
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -89,12 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="statqat", description="StatQAT: statistically optimal QAT for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("formats", help="list the formats with their Gaussian-optimal clip and SNR").set_defaults(func=_formats)
-    demo = sub.add_parser("demo", help="StatQAT vs MinMax, LSQ and OCTAV: W4A4 QAT on sklearn's digits, then export")
-    demo.add_argument("--quick", action="store_true", help="1 seed, fewer epochs (about a minute)")
-    demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, 1 with --quick)")
+    demo = sub.add_parser(
+        "demo",
+        help="llm (default): SmolLM2-135M weight-only FP4 QAT, MinMax vs StatQAT, then torchao lowering; "
+        "digits: W4A4 QAT on sklearn's digits against LSQ and OCTAV, then export",
+    )
+    demo.add_argument("which", nargs="?", default="llm", choices=list(_DEMOS), help="which demo (default llm)")
+    demo.add_argument("--quick", action="store_true", help="llm: 4 steps, 2 held-out windows; digits: 1 seed, fewer epochs")
+    demo.add_argument("--format", default=None, help="llm: weight format (default nvfp4)")
+    demo.add_argument("--granularity", default=None, help="llm: 'channel' or a group size (default 16)")
+    demo.add_argument("--steps", type=int, default=None, help="llm: QAT steps per method (default 15)")
+    demo.add_argument("--layers", type=int, default=None, help="llm: keep only the first N decoder layers")
+    demo.add_argument("--seeds", type=int, default=None, help="digits: number of seeds (default 3, 1 with --quick)")
     demo.add_argument("--out", default="demo_out", help="folder for results.json and the figures (default demo_out)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.add_argument("--no-export", action="store_true", help="skip exporting the best model")
+    demo.add_argument("--no-export", action="store_true", help="digits: skip exporting the best model")
     demo.set_defaults(func=_demo)
     from .analyze import add_analyze_parser
 

@@ -1,6 +1,6 @@
 """``statqat demo``: StatQAT against its peers on real data (sklearn's digits), end to end.
 
-For each seed: train :class:`~statqat_ao.tools.models.DigitsCNN` in float, then QAT from that
+For each seed: train :class:`~statqat_ao.models.DigitsCNN` in float, then QAT from that
 checkpoint with weights *and* activations at 4 bits (W4A4), for INT4 and FP4 E2M1, with
 every method on the same batches:
 
@@ -39,7 +39,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .models import DigitsCNN, load_digits_split
+from statqat_ao.models import DigitsCNN, load_digits_split
+
 from .training import accuracy, train_classifier
 
 FORMATS = ("int4", "fp4_e2m1")

@@ -33,7 +33,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return torch.nn.functional.conv1d(padded.view(1, 1, -1), kernel.view(1, 1, -1)).flatten().tolist()
 
 
-def plot_training_curves(curves: dict[str, list[float]], path: Path, window: int = 10) -> None:
+def plot_training_curves(
+    curves: dict[str, list[float]], path: Path, window: int = 10, title: str = "W4A4 QAT", log_y: bool = True
+) -> None:
     """Loss per QAT step, one panel per format and one line per method (``"fmt/method"`` keys);
     thin lines are the raw losses, thick ones a moving average over ``window`` steps."""
     plt = _pyplot()
@@ -45,9 +47,10 @@ def plot_training_curves(curves: dict[str, list[float]], path: Path, window: int
                 continue
             (line,) = ax.plot(_smooth(losses, window), label=key.split("/")[1], linewidth=2)
             ax.plot(losses, color=line.get_color(), alpha=0.25, linewidth=0.8)
-        ax.set_title(f"W4A4 QAT, {fmt}")
+        ax.set_title(f"{title}, {fmt}")
         ax.set_xlabel("QAT step")
-        ax.set_yscale("log")
+        if log_y:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0][0].set_ylabel("training loss (cross-entropy)")
@@ -56,12 +59,24 @@ def plot_training_curves(curves: dict[str, list[float]], path: Path, window: int
     plt.close(fig)
 
 
-def plot_layer_snr_of(model: torch.nn.Module, fmt: str, path: Path) -> None:
-    """Per-layer weight SNR (per output channel) of ``model`` in ``fmt``: MinMax, StatQAT
-    analytic and iterative, and the exhaustive optimum (the paper's per-layer figure)."""
+def plot_layer_snr_of(
+    model: torch.nn.Module,
+    fmt: str,
+    path: Path,
+    granularity: int | str = "channel",
+    title: str | None = None,
+    include=lambda name: True,
+    max_rows: int | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """Per-layer weight SNR of ``model``'s weights (the ones ``include(name)`` accepts) in
+    ``fmt``: MinMax, StatQAT analytic and iterative, and the exhaustive optimum (the paper's
+    per-layer figure). Returns the rows plotted."""
     from .analyze import analyze_weights
     from .analyze_plots import plot_layer_snr
 
-    weights = {name: p.detach() for name, p in model.named_parameters() if p.dim() >= 2}
-    rows, _ = analyze_weights(weights, fmt, "channel", progress=False)
-    plot_layer_snr(rows, path, f"DigitsCNN float weights in {fmt}, per channel")
+    weights = {name: p.detach() for name, p in model.named_parameters() if p.dim() >= 2 and include(name)}
+    rows, _ = analyze_weights(weights, fmt, granularity, max_rows=max_rows, progress=progress)
+    where = "per channel" if granularity == "channel" else f"groups of {granularity}"
+    plot_layer_snr(rows, path, title or f"{type(model).__name__} float weights in {fmt}, {where}")
+    return rows

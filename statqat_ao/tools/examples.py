@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from .models import DigitsCNN, load_digits_split
+from statqat_ao.models import DigitsCNN, load_digits_split
 
 
 def qat_and_convert(

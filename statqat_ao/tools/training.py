@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from statqat_ao.tools.models import DigitsCNN, load_digits_split
+    >>> from statqat_ao.models import DigitsCNN, load_digits_split
     >>> x, y, x_test, y_test = load_digits_split()
     >>> model = DigitsCNN()
     >>> losses = train_classifier(model, x[:256], y[:256], epochs=1, lr=3e-3, batch=64, seed=0)

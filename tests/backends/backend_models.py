@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from statqat_ao.models import TransformerBlock, load_digits_split
 from statqat_ao.tools.examples import qat_and_convert
-from statqat_ao.tools.models import TransformerBlock, load_digits_split
 
 _DIGITS = None
 

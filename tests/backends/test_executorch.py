@@ -136,7 +136,7 @@ def test_w4a8_convolutions_lower_as_int8_range_weights(tmp_path):
 
 
 def test_8da4w_on_a_torch_export_traced_model(tmp_path):
-    from statqat_ao.tools.models import TransformerBlock
+    from statqat_ao.models import TransformerBlock
 
     torch.manual_seed(0)
     x = torch.randn(2, 6, 64)

@@ -144,7 +144,7 @@ def test_a_model_without_quantized_linear_weights_is_refused():
 
 def test_torch_export_traced_models_lower_too():
     # the torch.export path (Hugging Face models) calls aten.linear, not F.linear
-    from statqat_ao.tools.models import TransformerBlock
+    from statqat_ao.models import TransformerBlock
 
     torch.manual_seed(0)
     x = torch.randn(2, 6, 64)

@@ -109,7 +109,7 @@ def test_prepare_fake_quantizes_every_weight_and_input(make, n_weighted):
         assert weight.granularity == "channel" and weight.qscheme == torch.per_channel_symmetric
 
 
-@pytest.mark.parametrize("make, steps", [(mlp, 30), (cnn, 20)])
+@pytest.mark.parametrize("make, steps", [(mlp, 30), pytest.param(cnn, 20, marks=pytest.mark.slow)])
 def test_qat_on_digits_reduces_the_loss(digits, make, steps):
     x, y = digits
     x_train, y_train, x_val, y_val = (

@@ -8,7 +8,7 @@ from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_q
 
 import statqat_ao as sq
 from statqat_ao.frontends.torch_ao import StatQATFakeQuantize
-from statqat_ao.tools.models import DigitsCNN
+from statqat_ao.models import DigitsCNN
 
 
 def test_torch_prepare_inserts_statqat_quantizers_and_trains():

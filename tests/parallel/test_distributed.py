@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import statqat_ao as sq
+from statqat_ao.models import DigitsCNN, load_digits_split
 from statqat_ao.parallel import distributed
-from statqat_ao.tools.models import DigitsCNN, load_digits_split
 
 WORLD = 2
 METHODS = ("minmax", "analytic", "iterative", "octav", "mse")

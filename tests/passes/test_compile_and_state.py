@@ -9,7 +9,7 @@ from helpers import MLP, digits, same_bits
 from torch import nn
 
 import statqat_ao as sq
-from statqat_ao.tools.models import DigitsCNN, TransformerBlock
+from statqat_ao.models import DigitsCNN, TransformerBlock
 
 
 def _cnn():
@@ -51,7 +51,7 @@ def _train(model, kind, steps, forward=None):
     return losses
 
 
-@pytest.mark.parametrize("kind", ["cnn", "block"])
+@pytest.mark.parametrize("kind", ["cnn", pytest.param("block", marks=pytest.mark.slow)])
 def test_no_graph_breaks_in_train_and_eval(kind):
     qat = _cnn() if kind == "cnn" else _block()
     x, _ = _batch(kind, 0)

@@ -9,9 +9,9 @@ from statqat_ao.passes.convert import ConvertError
 from torch import nn
 
 import statqat_ao as sq
+from statqat_ao.models import DigitsCNN, TransformerBlock
 from statqat_ao.numerics import codes
 from statqat_ao.numerics.codes import code_table
-from statqat_ao.tools.models import DigitsCNN, TransformerBlock
 
 QCONFIGS = {
     "w4a8": sq.statqat_qconfig,

@@ -74,6 +74,7 @@ def test_minilm_weight_only_qat_trains_and_converts_exactly(minilm):
     assert cos.mean() > 0.9
 
 
+@pytest.mark.slow  # the graph-mode compile checks in tests/passes/test_compile_and_state.py stay fast
 def test_minilm_prepared_model_has_no_graph_breaks(minilm):
     model, tokenizer = minilm
     ids, mask = _batch(tokenizer, _sentences(4))

@@ -9,7 +9,7 @@ from statqat_ao.passes.fold_bn import FoldedBatchNorm
 from torch import nn
 
 import statqat_ao as sq
-from statqat_ao.tools.models import DigitsCNN, TransformerBlock
+from statqat_ao.models import DigitsCNN, TransformerBlock
 
 
 def _fq_paths(gm):

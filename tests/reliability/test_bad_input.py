@@ -13,13 +13,13 @@ from torch import nn
 
 import statqat_ao as sq
 from statqat_ao.estimators import ESTIMATORS, online_methods
+from statqat_ao.models import load_digits_split
 from statqat_ao.quantizers.nonfinite import (
     NonFiniteError,
     check_finite,
     nonfinite_report,
     set_policy,
 )
-from statqat_ao.tools.models import load_digits_split
 
 ONLINE_METHODS = online_methods()
 
@@ -159,7 +159,7 @@ def test_skip_policy_keeps_the_scales_that_saw_nan_and_training_goes_on(digits):
 def test_a_skipped_nan_batch_leaves_folded_batch_norm_statistics_alone():
     """prepare folds BN into the conv weight through the running variance, so a NaN
     running variance would poison every later step: a non-finite batch does not update it."""
-    from statqat_ao.tools.models import DigitsCNN
+    from statqat_ao.models import DigitsCNN
 
     x, _, _, _ = load_digits_split()
     model = set_policy(sq.prepare_qat_fx(DigitsCNN(), sq.statqat_qconfig, (x[:64],)), "skip").train()

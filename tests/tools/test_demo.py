@@ -1,4 +1,8 @@
-"""`statqat demo`: the quick path end to end (with a tiny recipe), and results.json's schema."""
+"""`statqat demo digits`: the quick path end to end (with a tiny recipe), and results.json's schema.
+
+The digits demo is the secondary one since the SmolLM2 demo became the main job; its runs
+are in `make test-slow`.
+"""
 
 import json
 
@@ -15,12 +19,13 @@ def demo_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(demo.DemoSettings, "for_run", classmethod(lambda cls, quick, seeds: TINY))
     try:
-        code = cli.main(["demo", "--quick", "--out", str(out), "--no-progress"])
+        code = cli.main(["demo", "digits", "--quick", "--out", str(out), "--no-progress"])
     finally:
         mp.undo()
     return code, out
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_the_results_figures_and_export_report(demo_run, capsys):
     code, out = demo_run
     assert code == 0
@@ -34,6 +39,7 @@ def test_demo_quick_writes_the_results_figures_and_export_report(demo_run, capsy
     assert "activation" in export["executorch"]["error"]  # W4A4: XNNPACK runs INT8 activations only
 
 
+@pytest.mark.slow
 def test_results_json_schema(demo_run):
     _, out = demo_run
     results = json.loads((out / "results.json").read_text())

@@ -52,11 +52,11 @@ def test_load_model_rejects_foreign_files_and_bad_specs(tmp_path):
     with pytest.raises(ValueError, match="neither a file nor"):
         load_model("no_such_file.pt")
     with pytest.raises(ValueError, match="must return \\(model, example_inputs\\)"):
-        load_model("statqat_ao.tools.models:load_digits_split")
+        load_model("statqat_ao.models:load_digits_split")
 
 
 def test_export_traced_models_cannot_be_saved_and_say_what_to_do(tmp_path):
-    from statqat_ao.tools.models import TransformerBlock
+    from statqat_ao.models import TransformerBlock
 
     x = torch.randn(2, 5, 32)
     q = sq.convert(sq.prepare_qat_fx(TransformerBlock(32, 2), sq.statqat_qconfig, (x,), trace_method="export"))
