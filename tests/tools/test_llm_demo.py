@@ -1,4 +1,4 @@
-"""`statqat demo` (the LLM demo) on its quick path, with SmolLM2 cut to 2 decoder layers."""
+"""`statqat demo` (the LLM demo) on its quick path, with SmolLM2 cut to its first decoder layer."""
 
 import importlib.util
 import json
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("llm_demo")
-    code = cli.main(["demo", "--quick", "--layers", "2", "--steps", "2", "--out", str(out), "--no-progress"])
+    code = cli.main(["demo", "--quick", "--layers", "1", "--steps", "2", "--out", str(out), "--no-progress"])
     return code, out
 
 
@@ -41,10 +41,10 @@ def test_quick_demo_writes_the_table_figures_and_deployment(demo_run, capsys):
     sizes = deployment["linear_weight_bytes"]
     # NVFP4: 4 bits per weight and one byte of scale per 16 weights, against 32 bits
     assert sizes["fp32"] / sizes["deployed"] == pytest.approx(32 / (4 + 8 / 16), rel=0.01)
-    # the whole float model is 4 bytes per parameter: 2 layers of SmolLM2, its embedding and norm
+    # the whole float model is 4 bytes per parameter: 1 layer of SmolLM2, its embedding and norm
     from statqat_ao.models import load_smollm2
 
-    float_model, _ = load_smollm2(num_layers=2)
+    float_model, _ = load_smollm2(num_layers=1)
     assert deployment["model_bytes"]["fp32"] == 4 * sum(p.numel() for p in float_model.parameters())
     linear = sum(m.weight.numel() for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     assert sizes["fp32"] == 4 * linear
