@@ -243,6 +243,7 @@ def test_convert_int8_matches_the_prepared_model_in_eval(digits):
     assert (out != expected).float().mean().item() < 0.01
 
 
+@pytest.mark.slow  # graph-mode compile is checked fast in tests/passes/test_compile_and_state.py
 def test_compiled_training_step_has_no_graph_break(digits):
     x, y = digits
     prepared = prepare(cnn())
