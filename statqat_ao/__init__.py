@@ -43,6 +43,7 @@ __all__ = [
     "check_finite",
     "nonfinite",
     "StatQATQuantizer",
+    "set_qat_mode",
     "FakeQuantizer",
     "QuantSpec",
     "QuantizedParams",
@@ -75,6 +76,10 @@ def __getattr__(name: str):
         from statqat_ao.frontends.pt2e import StatQATQuantizer
 
         return StatQATQuantizer
+    if name == "set_qat_mode":  # a PT2E-prepared model's train / eval switch, quantizers included
+        from statqat_ao.frontends.pt2e import set_qat_mode
+
+        return set_qat_mode
     if name == "StatQATConfig":  # torchao's quantize_ / QATConfig: imports torchao, registers our handlers
         from statqat_ao.frontends.torchao_qat import StatQATConfig
 

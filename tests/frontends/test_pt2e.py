@@ -319,3 +319,42 @@ def test_post_training_calibration_with_statqat_observers():
     ref = model(x)
     err = (quantized(x) - ref).abs().max()
     assert err < 0.05 * ref.abs().max()  # INT8 W8A8: about 1% of the output range
+
+
+class InvertedResidualNet(nn.Module):
+    """The issue's repro: a conv-bn stem, an inverted-residual block (depthwise conv), a residual add."""
+
+    def __init__(self, w: int = 16):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
+        self.pw1, self.bn1 = nn.Conv2d(w, 2 * w, 1, bias=False), nn.BatchNorm2d(2 * w)
+        self.dw, self.bn2 = nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2 * w, bias=False), nn.BatchNorm2d(2 * w)
+        self.pw2, self.bn3 = nn.Conv2d(2 * w, w, 1, bias=False), nn.BatchNorm2d(w)
+        self.fc = nn.Linear(w * 64, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn0(self.stem(x)))
+        z = torch.relu(self.bn2(self.dw(torch.relu(self.bn1(self.pw1(y))))))
+        return self.fc((y + self.bn3(self.pw2(z))).flatten(1))
+
+
+def test_set_qat_mode_makes_a_conv_bn_model_deploy_what_it_computes_in_eval(digits):
+    """torchao's move_exported_model_to_eval leaves the quantizers updating (two eval runs
+    differed by 10% of the peak, and so did both converts); set_qat_mode freezes them."""
+    x, y = digits
+    images = x.reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    prepared = prepare_qat_pt2e(torch.export.export(InvertedResidualNet().train(), (images[:32],)).module(), StatQATQuantizer())
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    for i in range(10):
+        loss = F.cross_entropy(prepared(images[32 * i : 32 * (i + 1)]), y[32 * i : 32 * (i + 1)])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    sq.set_qat_mode(prepared, training=False)
+    test = images[-32:]  # the exported batch size
+    with torch.no_grad():
+        reference = prepared(test)
+        assert torch.equal(prepared(test), reference)
+        assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
+        assert torch.equal(convert_pt2e(copy.deepcopy(prepared))(test), reference)
