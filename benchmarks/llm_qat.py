@@ -38,6 +38,7 @@ Usage: python benchmarks/llm_qat.py [--quick] [--steps 20] [--out llm_qat.json]
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -113,8 +114,6 @@ def torchao_recipe(granularity) -> Recipe:
         quantize_(model, QATConfig(weight_config=fake, step="prepare"), filter_fn=_is_quantized_linear)
 
     def convert(model: nn.Module) -> nn.Module:
-        import copy
-
         out = copy.deepcopy(model)
         quantize_(out, QATConfig(step="convert"), filter_fn=_is_quantized_linear)
         gran = PerAxis(0) if group is None else PerGroup(group)

@@ -32,7 +32,8 @@ def _fused_activation(mod: nn.Module):
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.intrinsic.qat as nniqat
 
-    fused_relu = (nni.LinearReLU, nni.ConvReLU1d, nni.ConvReLU2d, nniqat.LinearReLU, nniqat.ConvReLU1d, nniqat.ConvReLU2d)
+    fused_relu = (nni.LinearReLU, nni.ConvReLU1d, nni.ConvReLU2d, nniqat.LinearReLU, nniqat.ConvReLU1d, nniqat.ConvReLU2d,
+                  nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d)  # fmt: skip
     return F.relu if isinstance(mod, fused_relu) else None
 
 
@@ -117,14 +118,10 @@ def _functionalize_conv_bn(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) ->
         if mod.bias is not None:
             out = g.call_function(operator.add, (out, g.call_method("reshape", (g.get_attr(f"{t}.bias"), bias_shape))))
         out = g.call_module(f"{t}.bn", (out,))
-        if _fused_activation_conv_bn(mod):
-            out = g.call_function(F.relu, (out,))
+        activation = _fused_activation(mod)
+        if activation is not None:
+            out = g.call_function(activation, (out,))
     conv.meta = dict(node.meta)
     node.replace_all_uses_with(out)
     g.erase_node(node)
 
-
-def _fused_activation_conv_bn(mod: nn.Module) -> bool:
-    import torch.ao.nn.intrinsic.qat as nniqat
-
-    return isinstance(mod, (nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d))

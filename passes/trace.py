@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -36,8 +37,14 @@ def reads_training_flag(module: nn.Module) -> bool:
         return False
     if next(module.buffers(), None) is not None:
         return False
+    return _forward_reads_training(type(module))
+
+
+@functools.cache
+def _forward_reads_training(cls: type) -> bool:
+    # Once per class: a deep model repeats a few module types many times.
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return "self.training" in source

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 
 def pydoc_text() -> str:
@@ -70,8 +71,6 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch: int = 4, progress
     Each window is scored on its own (tokens 2..T given the ones before), in eval mode, so
     every model is measured on exactly the same predictions.
     """
-    from tqdm import tqdm
-
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

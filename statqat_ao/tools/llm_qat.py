@@ -114,6 +114,7 @@ def train_causal_lm(
     Returns the per-step losses and the median wall time of a step.
     """
     model.train()
+    params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, settings, learned_scales), weight_decay=0.0)
     losses, seconds = [], []
     batches = split.train_batches(settings.batch, settings.window, settings.steps, seed=settings.seed)
@@ -121,7 +122,7 @@ def train_causal_lm(
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
