@@ -123,8 +123,8 @@ _E4M3_POSITIVE = torch.tensor([v for v in get_format("fp8_e4m3").grid if v > 0])
 def nvfp4_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split NVFP4 effective block scales into ``(e4m3 block scales, fp32 tensor scale)``.
 
-    convert stores ``fl(tensor_scale * e4m3)``; the tensor scale itself is not kept. It is
-    recovered from the largest block scale: for each E4M3 value ``v`` that block may have
+    For QuantizedParams without a stored tensor scale (convert stores it): the scales are
+    ``fl(tensor_scale * e4m3)``, and the tensor scale is recovered from the largest block scale: for each E4M3 value ``v`` that block may have
     used, the float32 numbers within a few ulps of ``max(scale) / v`` are tried, and one
     is accepted only when it reproduces every block scale exactly.
 
@@ -151,11 +151,31 @@ def _nearby_floats(x: torch.Tensor, ulps: int) -> list[torch.Tensor]:
     return out
 
 
+def nvfp4_block_scales(scale: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """The E4M3 block scales of effective scales ``fl(tensor_scale * e4m3)``, checked exactly.
+
+    Raises:
+        ValueError: some block scale is not ``tensor_scale`` times an E4M3 value.
+    """
+    e4m3 = (scale.float() / tensor_scale).to(torch.float8_e4m3fn)
+    if not torch.equal(tensor_scale * e4m3.float(), scale.float()):
+        raise ValueError("the NVFP4 block scales are not the stored tensor scale times E4M3 values")
+    return e4m3
+
+
 def nvfp4_tensor(p: QuantizedParams):
-    """``NVFP4Tensor`` from the E2M1 codes and the E4M3 x FP32 scales (block 16)."""
+    """``NVFP4Tensor`` from the E2M1 codes and the E4M3 x FP32 scales (block 16).
+
+    The tensor scale is the one convert stored; QuantizedParams built without it (by hand)
+    have it recovered by :func:`nvfp4_scales`.
+    """
     from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
 
-    e4m3, ts = nvfp4_scales(_grouped(p.scale, p))
+    scale = _grouped(p.scale, p)
+    if p.tensor_scale is not None:
+        e4m3, ts = nvfp4_block_scales(scale, p.tensor_scale), p.tensor_scale
+    else:
+        e4m3, ts = nvfp4_scales(scale)
     return NVFP4Tensor(_pack_pairs(p.codes), e4m3, 16, p.dtype, per_tensor_scale=ts)
 
 

@@ -33,6 +33,7 @@ from statqat_ao.quantizers.quantized import (
     check_convertible,
     check_finite_weight,
     quantizer_qparams,
+    quantizer_tensor_scale,
 )
 
 from .constants import constant_value, is_constant
@@ -124,7 +125,7 @@ def _convert_quantizer(gm, node, fq, cache) -> str:
     if len(node.args) == 1 and is_constant(node.args[0]):  # a weight: store its codes
         weight = deployed_weight(node.args[0], gm, cache)
         check_finite_weight(weight, path)
-        params = QuantizedParams.from_tensor(weight, *quantizer_qparams(fq), fq.fmt)
+        params = QuantizedParams.from_tensor(weight, *quantizer_qparams(fq), fq.fmt, quantizer_tensor_scale(fq))
     else:
         params = QuantizedParams(fq.fmt, *quantizer_qparams(fq))
     _set_module(gm, node.target, None)

@@ -38,6 +38,9 @@ def fold_scale(weight: torch.Tensor, running_var: torch.Tensor, gamma: torch.Ten
     return weight * _bn_factor(running_var, _live_gamma(gamma), eps).reshape(-1, *([1] * (weight.dim() - 1)))
 
 
+fold_scale.statqat_weight_transform = True  # its output is a weight the pass quantizes (patterns.py)
+
+
 def deployed_fold(weight: torch.Tensor, running_var: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:
     """The folded weight deployment stores: :func:`fold_scale` with the zero-``gamma`` channels zeroed."""
     folded = fold_scale(weight, running_var, gamma, eps)

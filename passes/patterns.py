@@ -93,7 +93,7 @@ def unsupported_weighted_op(node: fx.Node, gm: fx.GraphModule) -> str | None:
         has_params = any(True for _ in mod.parameters(recurse=True))
         if has_params and op_kind(node, gm) is None and not is_float_by_design(mod):
             return f"{node.target} ({type(mod).__name__})"
-    if node.op == "call_function" and op_kind(node, gm) is None:
+    if node.op == "call_function" and op_kind(node, gm) is None and not getattr(node.target, "statqat_weight_transform", False):
         # A function the trace kept whole (torch.fx.wrap, e.g. torchvision's
         # shifted_window_attention) that reads weight matrices: the pass cannot see the
         # GEMMs inside it, so those weights stay float.

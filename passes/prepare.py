@@ -58,6 +58,13 @@ def _register(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
     return path
 
 
+def _layer_input(node: fx.Node) -> fx.Node | None:
+    """The input of a linear / conv node whose weight error it weights (None for a grouped conv)."""
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    x = node.args[0]
+    return x if groups == 1 and isinstance(x, fx.Node) else None
+
+
 class _Inserter:
     def __init__(self, gm: fx.GraphModule, qconfig: StatQATQConfig):
         self.gm, self.qconfig = gm, qconfig
@@ -80,14 +87,14 @@ class _Inserter:
         cfg = self.qconfig.for_module(name, module)
         if cfg is None:
             return None
-        if cfg.weight is not None:
-            node.args = (node.args[0], self._weight_fq(weight, path, name, cfg.weight), *node.args[2:])
         if cfg.activation is not None and is_float_activation(node.args[0]):
             x = self._activation_fq(node.args[0], cfg.activation, f"{name}.input_fake_quant" if name else f"{node.name}_input_fake_quant")
             node.args = (x, *node.args[1:])
+        if cfg.weight is not None:
+            node.args = (node.args[0], self._weight_fq(weight, path, name, cfg.weight, node), *node.args[2:])
         return None
 
-    def _weight_fq(self, weight: fx.Node, path: str, layer: str, spec: QuantSpec) -> fx.Node:
+    def _weight_fq(self, weight: fx.Node, path: str, layer: str, spec: QuantSpec, node: fx.Node) -> fx.Node:
         if path in self.weight_fq:
             return self.weight_fq[path]
         # The group size must divide the row: fail here, naming the layer. The quantized
@@ -97,9 +104,16 @@ class _Inserter:
         block_layout(shape, spec.granularity, spec.axis, get_format(spec.fmt), name=f"layer {layer!r} weight")
         owner = path.rpartition(".")[0]
         leaf = path.rpartition(".")[2]
-        target = _register(self.gm, f"{owner}.{leaf}_fake_quant" if owner else f"{leaf}_fake_quant", spec.make(False))
-        with self.gm.graph.inserting_after(weight):
-            fq = self.gm.graph.call_module(target, (weight,))
+        module = spec.make(False)
+        target = _register(self.gm, f"{owner}.{leaf}_fake_quant" if owner else f"{leaf}_fake_quant", module)
+        layer_input = _layer_input(node) if getattr(module, "output_aware", False) else None
+        if layer_input is None:
+            with self.gm.graph.inserting_after(weight):
+                fq = self.gm.graph.call_module(target, (weight,))
+        else:  # the layer input feeds the quantizer's second moments: call it next to the layer
+            module.input_feature_dim = -1 if op_kind(node, self.gm) == "linear" else 1
+            with self.gm.graph.inserting_before(node):
+                fq = self.gm.graph.call_module(target, (weight,), {"layer_input": layer_input})
         self.weight_fq[path] = fq
         return fq
 

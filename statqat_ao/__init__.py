@@ -10,6 +10,7 @@ Example:
 
 from statqat_ao import estimators  # the package of estimators, as sq.estimators
 from statqat_ao.estimators import estimate_qparams
+from statqat_ao.frontends.calibrate import calibrate
 from statqat_ao.frontends.module_swap import load_qat_state, quantize_
 from statqat_ao.frontends.qconfig import (
     QuantSpec,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize_",
+    "calibrate",
     "load_qat_state",
     "StatQATConfig",
     "ConvertError",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from statqat_ao.numerics.block_stats import reduce_blocks_with_count
+from statqat_ao.numerics.block_stats import reduce_blocks, reduce_blocks_with_count
 from statqat_ao.numerics.error_model import GAUSSIAN, Family, c_opt, kurtosis_to_c_opt_table
 from statqat_ao.numerics.formats import Format
 
@@ -41,20 +41,36 @@ def clip_in_sigmas(
 
 
 def analytic_qparams(
-    x: torch.Tensor, fmt: Format, symmetric: bool, family: str | Family = "auto"
+    x: torch.Tensor,
+    fmt: Format,
+    symmetric: bool,
+    family: str | Family = "auto",
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block analytic scale and zero point for ``x`` of shape ``[B, L]``.
 
     Symmetric blocks use the RMS about zero (the grid is centred on zero); asymmetric
     ones the standard deviation about the mean, and a zero point that centres the grid
-    on the mean.
+    on the mean. With ``weights`` (output-aware error) the moments are weighted:
+    ``sigma^2 = sum h x^2 / sum h``, the variance of the error-weighted distribution.
     """
     if symmetric:
-        sums, maxima, n = reduce_blocks_with_count(sums=[x * x, (x * x) ** 2], maxima=[x.abs()])
+        x2 = x * x
+        if weights is None:
+            sums, maxima, n = reduce_blocks_with_count(sums=[x2, x2 * x2], maxima=[x.abs()])
+        else:
+            hx2 = weights * x2
+            sums, maxima = reduce_blocks(sums=[hx2, hx2 * x2, weights.expand_as(x)], maxima=[x.abs()])
+            sums, n = sums[:2], sums[2].clamp(min=torch.finfo(x.dtype).tiny)
         var, fourth = sums[0] / n, sums[1] / n
         mean = torch.zeros_like(var)
     else:
-        sums, maxima, n = reduce_blocks_with_count(sums=[x, x * x, x**3, x**4], maxima=[x, -x])
+        if weights is None:
+            sums, maxima, n = reduce_blocks_with_count(sums=[x, x * x, x**3, x**4], maxima=[x, -x])
+        else:
+            h = weights.expand_as(x)
+            sums, maxima = reduce_blocks(sums=[h * x, h * x * x, h * x**3, h * x**4, h], maxima=[x, -x])
+            sums, n = sums[:4], sums[4].clamp(min=torch.finfo(x.dtype).tiny)
         mean = sums[0] / n
         m2, m3, m4 = sums[1] / n, sums[2] / n, sums[3] / n
         var = (m2 - mean**2).clamp(min=0)
@@ -71,4 +87,4 @@ def analytic_qparams(
     return s, centered_zero_point(mean, s, fmt)
 
 
-register(Estimator("analytic", analytic_qparams, online=each_step(analytic_qparams)))
+register(Estimator("analytic", analytic_qparams, online=each_step(analytic_qparams), error_weighted=True))

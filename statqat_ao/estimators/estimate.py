@@ -48,6 +48,7 @@ def estimate_qparams(
     axis: int = 0,
     symmetric: bool = True,
     name: str = "input",
+    weights: torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimate the scale and zero point that quantize ``x`` to ``fmt``.
@@ -62,6 +63,10 @@ def estimate_qparams(
         axis: the channel axis.
         symmetric: zero point 0. Asymmetric quantizers (integer zero point) need an INT format.
         name: what to call ``x`` in error messages (a module or tensor name).
+        weights: non-negative per-element error weights broadcastable to ``x`` (e.g. a
+            Linear input's second moments ``E[x_j^2]``, shape ``[in_features]``, for the
+            output-aware error ``sum_j h_j (w_ij - q_ij)^2``); methods in
+            :func:`~statqat_ao.estimators.error_weighted_methods` only.
         **options: method options, e.g. ``steps=`` and ``init=`` for ``iterative``,
             ``family=`` for ``analytic``.
 
@@ -98,15 +103,36 @@ def estimate_qparams(
     x = x.detach().float()
     check_finite(x, name)
     blocks = layout.to_blocks(x)
+    if weights is not None:
+        options["weights"] = layout.to_blocks(element_weights(weights, x, method, name))
     with narrowed_to(layout):  # under distributed.reduce_statistics: only blocks spanning ranks
+        # The tensor amax of every rank (the global amax under reduce_statistics).
+        ts = nvfp4_tensor_scale(tensor_abs_max(x)) if fmt.scale_format == "fp8_e4m3" else None
+        if fmt.is_block_format and estimator.representable_scales:
+            options["tensor_scale"] = ts
         s, zp = estimator.estimate(blocks, fmt, symmetric, **options)
         s = finalize_scale(blocks, s, fmt, symmetric)
-        if fmt.is_block_format:
-            # The tensor amax of every rank (the global amax under reduce_statistics).
-            ts = nvfp4_tensor_scale(tensor_abs_max(x)) if fmt.scale_format == "fp8_e4m3" else None
-            s = round_scale(blocks, s, fmt, estimator.standard_scale_rounding, ts)
+        if fmt.is_block_format and not estimator.representable_scales:
+            s = round_scale(blocks, s, fmt, estimator.standard_scale_rounding, ts, options.get("weights"))
         s = cap_scale(s, dtype, fmt, symmetric)  # every grid point finite in x's dtype
     return layout.from_blocks(s), layout.from_blocks(zp.to(torch.int32))
+
+
+def element_weights(weights: torch.Tensor, x: torch.Tensor, method: str, name: str) -> torch.Tensor:
+    """``weights`` checked (finite, non-negative, broadcastable) and expanded to ``x``'s shape."""
+    if not get_estimator(method).error_weighted:
+        from .registry import error_weighted_methods
+
+        raise ValueError(f"method {method!r} does not minimise a weighted error; use one of {error_weighted_methods()}")
+    w = weights.detach().float()
+    if not torch.isfinite(w).all() or bool((w < 0).any()):
+        raise ValueError(f"the error weights for {name} must be finite and non-negative")
+    try:
+        return torch.broadcast_to(w, x.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"error weights of shape {tuple(w.shape)} do not broadcast against {name} of shape {tuple(x.shape)}"
+        ) from None
 
 
 def finalize_scale(blocks: torch.Tensor, s: torch.Tensor, fmt: Format, symmetric: bool) -> torch.Tensor:

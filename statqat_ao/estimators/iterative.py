@@ -31,14 +31,17 @@ DEFAULT_STARTS = (1.0, 0.8, 1.2)
 
 
 def least_squares_sums(
-    x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format
+    x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block ``(sum x*u, sum u*u)`` for the codes ``u`` of ``x`` at scale ``s``.
+    """Per-block ``(sum h*x*u, sum h*u*u)`` for the codes ``u`` of ``x`` at scale ``s``.
 
+    ``h`` is 1 (plain MSE) or the per-element ``weights``: weighted least squares, whose
+    solution ``s = sum h x u / sum h u^2`` minimises ``sum h (x - s u)^2`` for fixed codes.
     Additive over the parts of a block (the operands of a shared quantizer).
     """
     u = centered_codes(x, s, zp, fmt)
-    sums, _ = reduce_blocks(sums=[x * u, u * u])
+    hu = u if weights is None else weights * u
+    sums, _ = reduce_blocks(sums=[x * hu, u * hu])
     return sums[0], sums[1]
 
 
@@ -49,10 +52,10 @@ def least_squares_update(num: torch.Tensor, den: torch.Tensor, s: torch.Tensor) 
 
 
 def least_squares_step(
-    x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format
+    x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, fmt: Format, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """One assignment + least-squares update of the per-block scale ``s`` (``[B]``)."""
-    return least_squares_update(*least_squares_sums(x, s, zp, fmt), s)
+    """One assignment + (weighted) least-squares update of the per-block scale ``s`` (``[B]``)."""
+    return least_squares_update(*least_squares_sums(x, s, zp, fmt, weights), s)
 
 
 def iterative_qparams(
@@ -63,12 +66,14 @@ def iterative_qparams(
     init: str | torch.Tensor = "analytic",
     init_zero_point: torch.Tensor | None = None,
     starts: tuple[float, ...] = DEFAULT_STARTS,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block iterative scale for ``x`` of shape ``[B, L]``.
 
     ``init``: ``"analytic"`` (default) or ``"minmax"``, each run from every multiple in
     ``starts``; or a ``[B]`` tensor of scales to warm-start one path from (QAT takes one
-    step per training iteration from the last scale).
+    step per training iteration from the last scale). ``weights``: per-element error
+    weights (weighted least squares; see :func:`least_squares_sums`).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -77,7 +82,7 @@ def iterative_qparams(
         zp = torch.zeros_like(s0) if init_zero_point is None else init_zero_point.reshape(-1).to(x.dtype)
         starts = (1.0,)
     elif init == "analytic":
-        s0, zp = analytic_qparams(x, fmt, symmetric)
+        s0, zp = analytic_qparams(x, fmt, symmetric, weights=weights)
     elif init == "minmax":
         s0, zp = minmax_qparams(x, fmt, symmetric)
     else:
@@ -88,13 +93,13 @@ def iterative_qparams(
     for factor in starts:
         s = s0 * factor
         for _ in range(steps):
-            s = least_squares_step(x, s, zp, fmt)
+            s = least_squares_step(x, s, zp, fmt, weights)
         if best_s is None:
             best_s = s
             if len(starts) > 1:
-                best_err = block_sse(x, s, zp, fmt)
+                best_err = block_sse(x, s, zp, fmt, weights)
             continue
-        err = block_sse(x, s, zp, fmt)
+        err = block_sse(x, s, zp, fmt, weights)
         better = err < best_err
         best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
     return best_s, zp
@@ -107,9 +112,9 @@ def iterative_step(step: OnlineStep) -> tuple[torch.Tensor, torch.Tensor]:
     over the operands of a shared quantizer, so they need not be joined into one tensor.
     """
     if not step.warm:
-        return iterative_qparams(step.blocks, step.fmt, step.symmetric)
+        return iterative_qparams(step.blocks, step.fmt, step.symmetric, weights=step.weights)
     zp = step.zero_point.float()
-    num, den = least_squares_sums(step.blocks, step.scale, zp, step.fmt)
+    num, den = least_squares_sums(step.blocks, step.scale, zp, step.fmt, step.weights)
     for t in step.shared:
         n, d = least_squares_sums(t.detach().float().unsqueeze(0), step.scale, zp, step.fmt)
         num, den = num + n, den + d
@@ -117,5 +122,12 @@ def iterative_step(step: OnlineStep) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 register(
-    Estimator("iterative", iterative_qparams, online=iterative_step, keeps_zero_point=True, sums_shared_operands=True)
+    Estimator(
+        "iterative",
+        iterative_qparams,
+        online=iterative_step,
+        keeps_zero_point=True,
+        sums_shared_operands=True,
+        error_weighted=True,
+    )
 )

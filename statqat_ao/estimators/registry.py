@@ -39,6 +39,11 @@ class OnlineStep(NamedTuple):
         fmt, symmetric: the quantizer's format and symmetry.
         scale, zero_point: the previous per-block ``[B]`` scale and zero point, or
             ``None`` on the first estimate (a cold start).
+        weights: per-element error weights broadcastable to ``blocks`` (an output-aware
+            weight quantizer: the layer input's second moments), or ``None`` (plain MSE).
+            Given only to methods with ``error_weighted``.
+        tensor_scale: NVFP4's float32 per-tensor scale, for methods with
+            ``representable_scales`` (they return block scales on the scale format's grid).
     """
 
     blocks: torch.Tensor
@@ -47,6 +52,8 @@ class OnlineStep(NamedTuple):
     symmetric: bool
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
 
     @property
     def warm(self) -> bool:
@@ -70,6 +77,10 @@ class Estimator:
             operands of a shared quantizer instead of needing them in one tensor.
         standard_scale_rounding: MX / NV block scales follow the standard's own rule
             (the baseline's behaviour) instead of the lower-error neighbour.
+        error_weighted: the method minimises a weighted error when given per-element
+            ``weights`` (output-aware weight quantizers, ``error="output"``).
+        representable_scales: for MX / NV formats the method returns scales already on
+            the scale format's grid (it searched them), so no rounding step follows.
     """
 
     name: str
@@ -79,13 +90,17 @@ class Estimator:
     keeps_zero_point: bool = False
     sums_shared_operands: bool = False
     standard_scale_rounding: bool = False
+    error_weighted: bool = False
+    representable_scales: bool = False
 
 
 def each_step(estimate: EstimateFn) -> OnlineFn:
     """An online update that re-estimates from every batch with ``estimate``."""
 
     def step(s: OnlineStep) -> QParams:
-        return estimate(s.blocks, s.fmt, s.symmetric)
+        if s.weights is None:
+            return estimate(s.blocks, s.fmt, s.symmetric)
+        return estimate(s.blocks, s.fmt, s.symmetric, weights=s.weights)
 
     step.__name__ = f"{getattr(estimate, '__name__', 'estimate')}_each_step"
     return step
@@ -108,6 +123,11 @@ def get_estimator(method: str) -> Estimator:
         return ESTIMATORS[method]
     except KeyError:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(ESTIMATORS)}") from None
+
+
+def error_weighted_methods() -> tuple[str, ...]:
+    """The methods that can minimise the output-aware (input-moment weighted) error."""
+    return tuple(name for name, e in ESTIMATORS.items() if e.error_weighted)
 
 
 def online_methods() -> tuple[str, ...]:

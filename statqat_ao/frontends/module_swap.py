@@ -40,6 +40,7 @@ from statqat_ao.quantizers.quantized import (
     check_convertible,
     check_finite_weight,
     quantizer_qparams,
+    quantizer_tensor_scale,
 )
 from statqat_ao.quantizers.quantized_linear import QuantizedLinear
 
@@ -165,7 +166,7 @@ def to_quantized_linear(layer: nn.Module, path: str) -> QuantizedLinear:
     check_convertible(fq, f"{path}.weight_fake_quant")
     weight = layer.weight_out_in().detach()
     check_finite_weight(weight, f"{path}.weight_fake_quant")
-    weight_quant = QuantizedParams.from_tensor(weight, *quantizer_qparams(fq), fq.fmt)
+    weight_quant = QuantizedParams.from_tensor(weight, *quantizer_qparams(fq), fq.fmt, quantizer_tensor_scale(fq))
     input_quant = None
     afq = layer.input_fake_quant
     if isinstance(afq, DynamicQuantizer):  # per token: stateless, applied as it trained

@@ -19,6 +19,7 @@ import torch
 from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
 from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
+from statqat_ao.estimators import online_methods
 from statqat_ao.numerics.blocks import Granularity
 from statqat_ao.numerics.formats import Format
 from statqat_ao.quantizers.fake_quant import fake_quantize
@@ -145,10 +146,10 @@ def quantization_spec(spec: QuantSpec, is_activation: bool, observer: bool = Fal
         >>> qs.dtype, qs.quant_min, qs.quant_max, qs.qscheme, qs.ch_axis
         (torch.qint8, -8, 7, torch.per_channel_symmetric, 0)
     """
-    if spec.method not in ("analytic", "iterative", "minmax"):
+    if spec.method not in online_methods():
         raise ValueError(
             f"StatQATQuantizer runs online estimators only; {spec.method!r} is not one "
-            "(use 'analytic', 'iterative' or 'minmax', or the FX flow for LSQ)"
+            f"(use one of {', '.join(online_methods())}, or the FX flow for LSQ)"
         )
     kwargs = dict(
         fmt=spec.fmt,

@@ -45,14 +45,20 @@ class _FakeQuantizedLinearMixin:
         """The weight as ``[out_features, in_features]`` (a view for Conv1D)."""
         return self.weight.t() if self.weight_layout_transposed else self.weight
 
-    def quantized_weight(self) -> torch.Tensor:
+    def quantized_weight(self, layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quantized ``[out, in]`` weight; ``layer_input`` feeds an output-aware quantizer's moments."""
         w = self.weight_out_in()
-        return w if self.weight_fake_quant is None else self.weight_fake_quant(w)
+        fq = self.weight_fake_quant
+        if fq is None:
+            return w
+        if layer_input is not None and getattr(fq, "output_aware", False):
+            return fq(w, layer_input=layer_input)
+        return fq(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_fake_quant is not None:
             x = self.input_fake_quant(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, self.quantized_weight(x), self.bias)
 
 
 class QATLinear(_FakeQuantizedLinearMixin, nn.Linear):

@@ -24,9 +24,10 @@ from dataclasses import dataclass, replace
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping
 
-from statqat_ao.estimators import ESTIMATORS, online_methods
+from statqat_ao.estimators import ESTIMATORS, error_weighted_methods, online_methods
 from statqat_ao.numerics.blocks import Granularity
 from statqat_ao.numerics.formats import get_format
+from statqat_ao.quantizers.input_moments import ERRORS
 
 LEARNED_METHODS = ("lsq",)  # a learned scale: its own module, no per-step estimate
 
@@ -35,7 +36,13 @@ _KEEP = object()  # "not given" for override arguments, where None means "do not
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """One quantizer: format, estimator, granularity, symmetry, channel axis.
+    """One quantizer: format, estimator, granularity, symmetry, channel axis, error.
+
+    ``error`` (weights): what the scale minimises: ``"weight"`` (the weight's squared
+    error), ``"output"`` (weighted by the layer input's second moments
+    ``E[x_j^2]``: the error that reaches the layer's output) or ``"auto"`` (output-aware
+    wherever the front end passes the layer input: ``sq.prepare_qat_fx`` and
+    ``sq.quantize_``; the weight's error in torch.ao's and PT2E's flows).
 
     Example:
         >>> QuantSpec("int4", granularity="channel").make()
@@ -47,6 +54,7 @@ class QuantSpec:
     granularity: Granularity = "tensor"
     symmetric: bool = True
     axis: int = 0
+    error: str = "weight"
 
     def __post_init__(self):
         fmt = get_format(self.fmt)  # raises for an unknown format, naming the known ones
@@ -62,6 +70,13 @@ class QuantSpec:
             raise ValueError(f"unknown QAT method {self.method!r}{hint}; use one of {known}")
         if not self.symmetric and fmt.family != "int":
             raise ValueError(f"asymmetric quantization needs an INT format, got {fmt.name}")
+        if self.error not in ERRORS:
+            raise ValueError(f"error must be one of {ERRORS}, got {self.error!r}")
+        if self.error == "output" and self.method not in error_weighted_methods():
+            raise ValueError(
+                f"error='output' needs a method that minimises an error ({', '.join(error_weighted_methods())}); "
+                f"{self.method!r} does not (LSQ's gradient already sees the output)"
+            )
         g = self.granularity
         if not (g in ("tensor", "channel", "token") or (isinstance(g, int) and not isinstance(g, bool) and g > 0)):
             raise ValueError(f"granularity must be 'tensor', 'channel', 'token' or a positive int, got {g!r}")
@@ -87,7 +102,10 @@ class QuantSpec:
             return LSQFakeQuantize(self.fmt, self.granularity, self.axis, is_activation=is_activation)
         from .torch_ao import StatQATFakeQuantize
 
-        return StatQATFakeQuantize(self.fmt, self.method, self.granularity, self.axis, self.symmetric, is_activation)
+        error = "weight" if is_activation else self.error
+        return StatQATFakeQuantize(
+            self.fmt, self.method, self.granularity, self.axis, self.symmetric, is_activation, error=error
+        )
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,8 @@ def _spec(value, base: QuantSpec | None, kind: str) -> QuantSpec | None:
 
 def check_activation_spec(spec: QuantSpec) -> None:
     """Activations are quantized per tensor (or per token, dynamically) with a per-tensor format (no MX/NV blocks)."""
+    if spec.error != "weight":
+        raise ValueError(f"error={spec.error!r} is for weight quantizers (it weights a weight's error by its layer's input)")
     if spec.granularity not in ("tensor", "token") or get_format(spec.fmt).is_block_format:
         raise ValueError(
             f"activations are quantized per tensor (or per token: activation_granularity='token'); got "
@@ -130,7 +150,7 @@ def _make_spec(value, base: QuantSpec | None, kind: str) -> QuantSpec | None:
 
 
 _DEFAULTS = {
-    "weight": {"method": "analytic", "granularity": "channel"},
+    "weight": {"method": "auto", "granularity": "channel", "error": "auto"},
     "activation": {"method": "iterative", "granularity": "tensor"},
 }
 
@@ -235,12 +255,13 @@ def get_statqat_qconfig(
     activation: str | None = "int8",
     weight_granularity: Granularity = "channel",
     activation_granularity: Granularity = "tensor",
-    weight_method: str = "analytic",
+    weight_method: str = "auto",
     activation_method: str = "iterative",
     weight_symmetric: bool = True,
     activation_symmetric: bool = True,
     overrides: dict[str, dict] | None = None,
     skip: list[str] | tuple[str, ...] = (),
+    weight_error: str = "auto",
 ) -> StatQATQConfig:
     """Build a :class:`StatQATQConfig`.
 
@@ -251,10 +272,16 @@ def get_statqat_qconfig(
         activation_granularity: ``"tensor"`` (a scale estimated once per training step, frozen
             in eval) or ``"token"`` (dynamic: every row of every input gets its own scale, in
             training and deployment alike, as 8da4w runtimes do; eager :func:`statqat_ao.quantize_` only).
-        weight_method, activation_method: ``analytic``, ``iterative``, ``minmax`` or ``lsq``
-            (per-token activations: any estimator; ``minmax`` is what runtimes compute).
+        weight_method, activation_method: ``auto`` (weights' default: ``search`` for groups of
+            up to 256 and MX / NV blocks, ``analytic`` above), ``analytic``, ``iterative``,
+            ``search``, ``minmax`` or ``lsq`` (per-token activations: any estimator;
+            ``minmax`` is what runtimes compute).
         overrides: ``{name_pattern: {"weight": ..., "activation": ...}}``.
         skip: name patterns of modules kept in float (e.g. the first conv, the last linear).
+        weight_error: ``"auto"`` (default: output-aware wherever the front end passes the
+            layer input, i.e. ``sq.prepare_qat_fx`` and ``sq.quantize_``), ``"output"`` or
+            ``"weight"`` (see :class:`QuantSpec`). Output-aware scales need the inputs:
+            run ``sq.calibrate`` before evaluating without training.
 
     Example:
         >>> import statqat_ao as sq
@@ -262,7 +289,7 @@ def get_statqat_qconfig(
         >>> qc.weight.fmt, qc.activation
         ('nvfp4', None)
     """
-    w = None if weight is None else QuantSpec(weight, weight_method, weight_granularity, weight_symmetric, 0)
+    w = None if weight is None else QuantSpec(weight, weight_method, weight_granularity, weight_symmetric, 0, weight_error)
     a = (
         None
         if activation is None
@@ -280,6 +307,6 @@ def get_statqat_qconfig(
 
 
 statqat_qconfig: StatQATQConfig = get_statqat_qconfig()
-"""The default recipe: INT4 per-channel analytic weights, INT8 per-tensor iterative activations."""
+"""The default recipe: INT4 per-channel weights (``auto``, output-aware), INT8 per-tensor iterative activations."""
 
 __all__ = ["ModuleQConfig", "QConfig", "QuantSpec", "StatQATQConfig", "get_statqat_qconfig", "statqat_qconfig"]

@@ -97,7 +97,7 @@ class StatQATFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantizeBas
     """A torch.ao fake-quantize module with a StatQAT scale.
 
     Args:
-        fmt, method, granularity, axis, symmetric: as :class:`~statqat_ao.FakeQuantizer`.
+        fmt, method, granularity, axis, symmetric, error: as :class:`~statqat_ao.FakeQuantizer`.
         is_activation: report torch.ao's activation carrier dtype.
         factory_kwargs: accepted for torch.ao's QAT modules (device is honoured).
 
@@ -116,8 +116,9 @@ class StatQATFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantizeBas
         symmetric=True,
         is_activation=False,
         factory_kwargs=None,
+        error="weight",
     ):
-        super().__init__(fmt, method, granularity, axis, symmetric)
+        super().__init__(fmt, method, granularity, axis, symmetric, error=error)
         self._init_torch_ao(is_activation)
         device = (factory_kwargs or {}).get("device")
         if device is not None:
@@ -165,6 +166,7 @@ def torch_ao_qconfig(weight, activation) -> QConfig | None:
             axis=spec.axis,
             symmetric=spec.symmetric,
             is_activation=is_activation,
+            error=spec.error,  # torch.ao's QAT modules pass no layer input: "auto" is the weight's error
         )
 
     return QConfig(activation=ctor(activation, True), weight=ctor(weight, False))

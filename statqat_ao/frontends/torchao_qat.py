@@ -61,10 +61,11 @@ class StatQATConfig(AOBaseConfig):
     activation: str | None = "int8"
     weight_granularity: Granularity = "channel"
     activation_granularity: Granularity = "tensor"
-    weight_method: str = "analytic"
+    weight_method: str = "auto"
     activation_method: str = "iterative"
     weight_symmetric: bool = True
     activation_symmetric: bool = True
+    weight_error: str = "auto"
 
     def __post_init__(self):
         self.qconfig()  # bad formats, methods or granularities fail here, not at the first module
@@ -80,6 +81,7 @@ class StatQATConfig(AOBaseConfig):
             self.activation_method,
             self.weight_symmetric,
             self.activation_symmetric,
+            weight_error=self.weight_error,
         )
 
 

@@ -31,7 +31,7 @@ import torch
 
 from .blocks import group_view
 from .formats import Format, get_format
-from .rounding import round_to_grid
+from .rounding import quantize_to_grid
 
 
 def code_dtype(fmt: Format) -> torch.dtype:
@@ -100,7 +100,7 @@ def _quantize_impl(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     f = get_format(fmt)
     shape = x.shape
     xf, s, z = _grouped(x.float(), scale, zero_point)
-    grid_values = round_to_grid(xf / s + z, f)  # the same expression as fake_quantize
+    grid_values = quantize_to_grid(xf / s, z, f)  # the same expression as fake_quantize
     if f.family == "int":
         return grid_values.to(code_dtype(f)).reshape(shape)
     grid = f.grid_tensor(x.device)

@@ -62,6 +62,24 @@ def round_to_grid(v: torch.Tensor, fmt: Format) -> torch.Tensor:
     return _round_lut(v, fmt)
 
 
+def quantize_to_grid(v: torch.Tensor, zero_point: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Grid values of ``v = x / scale`` (float32) under integer ``zero_point``: the runtimes' convention.
+
+    INT: ``clamp(round(v) + zp, qmin, qmax)``, as ONNX QuantizeLinear, torch.ao and XNNPACK
+    compute it. Rounding ``v + zp`` instead differs at ties whenever ``zp`` is odd
+    (``round(2.5) + 1 = 3`` but ``round(3.5) = 4``). Float and lookup grids are symmetric
+    here (``zero_point`` is 0): ``round_G(v)``.
+
+    Example:
+        >>> import torch, statqat_ao as sq
+        >>> quantize_to_grid(torch.tensor([2.5, -0.5]), torch.tensor(1.0), sq.get_format("uint8")).tolist()
+        [3.0, 1.0]
+    """
+    if fmt.family == "int":
+        return (torch.round(v) + zero_point).clamp(fmt.qmin, fmt.qmax)
+    return round_to_grid(v + zero_point, fmt)
+
+
 def grid_spacing(v: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Width, in code units, of the grid cell that ``v`` rounds into (elementwise).
 

@@ -91,18 +91,39 @@ def _neighbours(t: torch.Tensor, scale_format: str) -> tuple[torch.Tensor, torch
     return lo, hi
 
 
+def scale_candidates(t: torch.Tensor, scale_format: str, offsets: range | tuple[int, ...]) -> torch.Tensor:
+    """Representable scales near ``t`` (``[B]``), ``[len(offsets), B]``: offset 0 is the
+    smallest representable value >= ``t`` (``t`` itself when it is representable), offset
+    ``k`` the one ``k`` grid steps above it (below for negative ``k``), clamped to the range.
+
+    Example:
+        >>> scale_candidates(torch.tensor([3.0]), "e8m0", (-1, 0, 1)).flatten().tolist()
+        [2.0, 4.0, 8.0]
+        >>> scale_candidates(torch.tensor([1.0]), "fp8_e4m3", (-1, 0, 1)).flatten().tolist()
+        [0.9375, 1.0, 1.125]
+    """
+    if scale_format == "e8m0":
+        lo, hi = _neighbours(t, scale_format)
+        e = torch.log2(hi).round()
+        return torch.stack([torch.exp2((e + k).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)) for k in offsets])
+    grid = torch.tensor(_E4M3_POSITIVE, dtype=t.dtype, device=t.device)
+    i = torch.bucketize(t.clamp(grid[0], grid[-1]), grid)  # grid[i-1] < t <= grid[i]
+    return torch.stack([grid[(i + k).clamp(0, len(grid) - 1)] for k in offsets])
+
+
 def round_scale(
     x: torch.Tensor,
     s: torch.Tensor,
     fmt: Format,
     standard: bool = False,
     tensor_scale: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round per-block scales ``s`` (``[B]``) of block view ``x`` (``[B, L]``) to ``fmt``'s scale format.
 
     ``standard=True`` follows the format's own rule (OCP MX: from the block's amax; NVFP4:
     round to nearest), as MinMax does; otherwise each block takes whichever neighbouring
-    representable scale gives it the lower error.
+    representable scale gives it the lower (``weights``-weighted) error.
     """
     ts = torch.ones((), dtype=s.dtype, device=s.device) if tensor_scale is None else tensor_scale
     zp = torch.zeros_like(s)
@@ -118,5 +139,5 @@ def round_scale(
         return ts * torch.where(t > 0, t, torch.full_like(t, smallest))
     lo, hi = _neighbours(s / ts, fmt.scale_format)
     s_lo, s_hi = ts * lo, ts * hi
-    better_hi = block_sse(x, s_hi, zp, fmt) < block_sse(x, s_lo, zp, fmt)
+    better_hi = block_sse(x, s_hi, zp, fmt, weights) < block_sse(x, s_lo, zp, fmt, weights)
     return torch.where(better_hi, s_hi, s_lo)

@@ -192,6 +192,14 @@ def _over(group: Any, blocks: bool = True):
     return reduced_over(None if group is None else Reduction(_GroupCombine(group), blocks))
 
 
+def block_statistics_over(group: Any):
+    """Reduce every block statistic computed inside over ``group`` (``None``: stay local).
+
+    For statistics whose blocks always span the ranks (a layer input's per-feature moments).
+    """
+    return _over(group, blocks=True)
+
+
 def spans_ranks(layout: BlockLayout) -> bool:
     """Whether a data-parallel split along dim 0 (the batch) cuts through the blocks.
 

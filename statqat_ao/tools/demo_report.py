@@ -70,7 +70,7 @@ def plot_layer_snr_of(
     progress: bool = False,
 ) -> list[dict]:
     """Per-layer weight SNR of ``model``'s weights (the ones ``include(name)`` accepts) in
-    ``fmt``: MinMax, StatQAT analytic and iterative, and the exhaustive optimum (the paper's
+    ``fmt``: MinMax, StatQAT analytic, iterative and search, and the optimum (the paper's
     per-layer figure). Returns the rows plotted."""
     from .analyze import analyze_weights
     from .analyze_plots import plot_layer_snr

@@ -37,7 +37,7 @@ from statqat_ao.numerics.formats import get_format
 from .llm_qat import FLOAT_TRAINING, LLMQATSettings, QATRun, gap_recovered, qat_run, statqat_recipe
 
 PROMPT = "The for statement in Python"
-METHODS = {"MinMax": "minmax", "StatQAT": "analytic"}
+METHODS = {"MinMax": "minmax", "StatQAT": "auto"}  # StatQAT: the default qconfig (auto, output-aware, calibrated)
 SNR_LAYERS = (0, 15, 29)  # decoder layers shown in the per-layer SNR figure
 
 

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from statqat_ao.estimators import error_weighted_methods
+from statqat_ao.frontends.calibrate import calibrate
 from statqat_ao.frontends.module_swap import convert_swapped, quantize_
 from statqat_ao.models.text import TextSplit, perplexity
 
@@ -44,6 +46,7 @@ class LLMQATSettings:
     scale_lr: float = 1e-3  # LSQ's learned step sizes
     eval_windows: int = 8
     seed: int = 0
+    calibration_tokens: int = 2048  # from the start of the training text (disjoint from held-out)
 
 
 @dataclass(frozen=True)
@@ -52,17 +55,32 @@ class Recipe:
 
     ``convert`` returns the deployable model; ``None`` means the recipe has none to check.
     ``learned_scales``: name suffixes of the quantizers' learned scale parameters, trained
-    at ``LLMQATSettings.scale_lr``.
+    at ``LLMQATSettings.scale_lr``. ``calibrate``: run :func:`statqat_ao.calibrate` on the
+    calibration tokens after ``prepare`` (output-aware weight scales need the layer inputs).
     """
 
     prepare: Callable[[nn.Module], object]
     convert: Callable[[nn.Module], nn.Module] | None = None
     learned_scales: tuple[str, ...] = ("fake_quant.scale",)
+    calibrate: bool = False
 
 
-def statqat_recipe(qconfig) -> Recipe:
-    """:func:`statqat_ao.quantize_` with ``qconfig``; converted with :func:`statqat_ao.convert`."""
-    return Recipe(prepare=lambda model: quantize_(model, qconfig), convert=convert_swapped)
+def statqat_recipe(qconfig, calibrate: bool | None = None) -> Recipe:
+    """:func:`statqat_ao.quantize_` with ``qconfig``; converted with :func:`statqat_ao.convert`.
+
+    ``calibrate``: default: when the weight quantizers are output-aware (``weight_error``
+    ``"output"`` / ``"auto"`` with a method that minimises an error).
+    """
+    if calibrate is None:
+        spec = qconfig.weight
+        calibrate = spec is not None and spec.error != "weight" and spec.method in error_weighted_methods()
+    return Recipe(prepare=lambda model: quantize_(model, qconfig), convert=convert_swapped, calibrate=calibrate)
+
+
+def calibration_batches(split: TextSplit, settings: LLMQATSettings) -> list[dict]:
+    """The calibration tokens as ``{"input_ids": [batch, window]}`` forwards."""
+    windows = split.calibration(settings.calibration_tokens, settings.window)
+    return [{"input_ids": chunk} for chunk in windows.split(settings.batch)]
 
 
 @dataclass
@@ -152,6 +170,8 @@ def qat_run(
     held_out = split.held_out[-settings.eval_windows :]
     start = time.perf_counter()
     recipe.prepare(model)
+    if recipe.calibrate:
+        calibrate(model, calibration_batches(split, settings), progress=progress)
     prepared_in = time.perf_counter() - start
     ptq = perplexity(model, held_out, progress=progress, desc=f"{desc}: PTQ perplexity")
     losses, step = train_causal_lm(model, split, settings, progress, desc, recipe.learned_scales) if settings.steps else ([], float("nan"))

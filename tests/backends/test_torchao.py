@@ -153,3 +153,20 @@ def test_torch_export_traced_models_lower_too():
     lowered = ao_backend.lower(q, (x,))
     assert {w.tensor_type for w in lowered.lowered_weights} == {"Int4OpaqueTensor"}
     assert len(lowered.lowered_weights) == 4
+
+
+@pytest.mark.parametrize("method", ["analytic", "search", "minmax"])
+def test_convert_stores_nvfp4_tensor_scale_and_lowering_uses_it(method):
+    """NVFP4's FP32 tensor scale is kept in QuantizedParams (amax / (448 * 6) of the trained weight)."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    qat = sq.quantize_(model, sq.get_statqat_qconfig("nvfp4", None, weight_method=method))
+    converted_model = sq.convert(qat)
+    params = converted_model[0].weight_quant
+    weight = qat[0].weight.detach()
+    assert torch.equal(params.tensor_scale, weight.abs().amax() / (448.0 * 6.0))
+    e4m3 = tt.nvfp4_block_scales(tt._grouped(params.scale, params), params.tensor_scale)
+    assert torch.equal(params.tensor_scale * e4m3.float(), tt._grouped(params.scale, params))
+    nv = tt.nvfp4_tensor(params)
+    assert torch.equal(nv.per_tensor_scale, params.tensor_scale)
+    with pytest.raises(ValueError, match="not the stored tensor scale"):
+        tt.nvfp4_block_scales(tt._grouped(params.scale, params), params.tensor_scale * 1.5)

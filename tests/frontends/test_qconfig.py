@@ -8,9 +8,9 @@ import statqat_ao as sq
 from statqat_ao.frontends.torch_ao import StatQATFakeQuantize
 
 
-def test_default_recipe_is_int4_channel_analytic_weights_int8_tensor_iterative_activations():
+def test_default_recipe_is_int4_channel_auto_output_aware_weights_int8_tensor_iterative_activations():
     w, a = sq.statqat_qconfig.weight, sq.statqat_qconfig.activation
-    assert (w.fmt, w.granularity, w.method) == ("int4", "channel", "analytic")
+    assert (w.fmt, w.granularity, w.method, w.error) == ("int4", "channel", "auto", "auto")
     assert (a.fmt, a.granularity, a.method) == ("int8", "tensor", "iterative")
 
 

@@ -162,3 +162,29 @@ def test_a_hugging_face_folder_is_read_from_its_safetensors(tmp_path):
 
     save_file({"enc.weight": torch.randn(8, 32), "enc.bias": torch.randn(8)}, str(tmp_path / "model.safetensors"))
     assert list(load_weights(str(tmp_path))) == ["enc.weight"]
+
+
+def test_output_aware_columns_bound_by_their_optimum():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(32, 128, generator=g)
+    h = torch.logspace(-2, 1, 128)[torch.randperm(128, generator=g)]
+    snr = analyze_tensor(w, "fp4_e2m1", 32, moments=h)
+    assert snr["out_optimum"] >= snr["out_auto"] - 1e-3 and snr["out_auto"] > snr["out_minmax"]
+    # The output-aware estimate buys output SNR at the price of weight SNR: not the same scale.
+    assert snr["out_auto"] > snr["out_minmax"] + 0.3
+
+
+def test_smollm2_with_calibration_adds_output_aware_columns(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["analyze", "smollm2", "--format", "fp4_e2m1", "--granularity", "32", "--max-rows", "4",
+            "--calibration-tokens", "512", "--out", str(out), "--no-plot"]  # fmt: skip
+    assert _main(args) == 0
+    header, rows = _read_csv(out / "layer_snr.csv")
+    assert tuple(header[-3:]) == ("out_minmax", "out_auto", "out_optimum")
+    assert len(rows) == 211  # 210 Linear weights and the (tied) embedding
+    linear = [r for r in rows if r["out_auto"]]
+    assert len(linear) == 210
+    assert all(float(r["out_optimum"]) >= float(r["out_auto"]) - 0.01 for r in linear)
+    assert sum(float(r["out_auto"]) > float(r["out_minmax"]) for r in linear) > 0.9 * len(linear)
+    assert "out_auto" in capsys.readouterr().out
+    assert _main(["analyze", "minilm", "--format", "int4", "--calibration-tokens", "512"]) == 2

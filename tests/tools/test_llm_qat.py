@@ -10,6 +10,7 @@ import statqat_ao as sq
 from statqat_ao.models import TextSplit, perplexity
 from statqat_ao.tools.llm_qat import (
     LLMQATSettings,
+    calibration_batches,
     gap_recovered,
     parameter_groups,
     qat_run,
@@ -53,5 +54,7 @@ def test_a_run_measures_ptq_then_trains_and_converts_bit_identically():
     assert run.bit_identical
     assert run.ptq_perplexity != run.qat_perplexity  # training changed the model
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the float model is untouched
-    fresh = sq.quantize_(copy.deepcopy(model), qc)  # PTQ is the prepared model before training
+    settings = LLMQATSettings(steps=3, batch=2, window=32, lr=1e-3, eval_windows=4)
+    fresh = sq.quantize_(copy.deepcopy(model), qc)  # PTQ: the prepared model, calibrated (output-aware), before training
+    sq.calibrate(fresh, calibration_batches(_split(), settings))
     assert run.ptq_perplexity == pytest.approx(perplexity(fresh, _split().held_out), rel=1e-6)
