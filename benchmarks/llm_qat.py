@@ -32,7 +32,14 @@ with ``statqat_ao.backends.torchao.lower`` (weights become torchao tensors) and 
 continue a prompt; torchao has no tensor for E2M1 codes with float32 group scales, so
 FP4 E2M1 g32 is not lowered (the reason is printed).
 
+The ``StatQAT default`` row is what ``sq.get_statqat_qconfig(fmt, None)`` gives:
+``weight_method="auto"`` (the search for groups up to 256 and MX / NV blocks, analytic
+above) and ``weight_error="auto"`` (output-aware), calibrated with ``sq.calibrate`` on the
+first 2,048 training tokens before the PTQ measurement. The other StatQAT rows use the
+weight's own error and no calibration, as before the output-aware estimators.
+
 Usage: python benchmarks/llm_qat.py [--quick] [--steps 20] [--out llm_qat.json]
+       python benchmarks/llm_qat.py --methods minmax default --peers torchao --merge old.json --out new.json
 """
 
 from __future__ import annotations
@@ -77,9 +84,16 @@ FORMATS = {  # label: (statqat format, granularity, torchao / brevitas peers)
     "INT4 sym g32": ("int4", 32, ("torchao",)),
 }
 FULL = ("FP4 E2M1 g32", "NVFP4")  # every method
-QAT_FULL = ("minmax", "lsq", "analytic", "iterative")
-QAT_SHORT = ("minmax", "analytic")
-LABELS = {"minmax": "MinMax", "lsq": "LSQ", "analytic": "StatQAT analytic", "iterative": "StatQAT iterative"}
+QAT_FULL = ("minmax", "lsq", "analytic", "iterative", "default")
+QAT_SHORT = ("minmax", "analytic", "default")
+LABELS = {
+    "minmax": "MinMax",
+    "lsq": "LSQ",
+    "analytic": "StatQAT analytic",
+    "iterative": "StatQAT iterative",
+    "default": "StatQAT default (auto, output-aware)",
+}
+DEPLOYED = "default"  # the QAT model that is lowered and asked to continue the prompt
 
 
 @dataclass
@@ -94,7 +108,12 @@ class Row:
 
 
 def statqat(fmt: str, granularity, method: str) -> Recipe:
-    qc = sq.get_statqat_qconfig(fmt, None, weight_granularity=granularity, weight_method=method, skip=["lm_head"])
+    """``default``: the qconfig's own defaults (``weight_method="auto"``, ``weight_error="auto"``),
+    calibrated on the first 2,048 training tokens; other methods with the weight's own error."""
+    if method == "default":
+        qc = sq.get_statqat_qconfig(fmt, None, weight_granularity=granularity, skip=["lm_head"])
+    else:
+        qc = sq.get_statqat_qconfig(fmt, None, weight_granularity=granularity, weight_method=method, weight_error="weight", skip=["lm_head"])
     return statqat_recipe(qc)
 
 
@@ -163,7 +182,7 @@ def run(args) -> dict:
     print(f"float perplexity {float_ppl:.3f}", flush=True)
     formats = {k: FORMATS[k] for k in (args.formats or FORMATS)}
     rows: list[Row] = []
-    if not args.quick:  # how much of QAT's drop in perplexity is the text, not the quantizer
+    if not args.quick and args.methods is None:  # how much of QAT's drop in perplexity is the text, not the quantizer
         result = qat_run(model, split, FLOAT_TRAINING, settings, desc="float")
         rows.append(Row("float", "float, same training", float_ppl, result.qat_perplexity, result.step_seconds))
         print(rows[-1], flush=True)
@@ -171,15 +190,19 @@ def run(args) -> dict:
     for label, (fmt, granularity, peers) in formats.items():
         qat_methods = QAT_FULL if label in FULL else QAT_SHORT
         if args.quick:
-            qat_methods, peers = ("minmax", "analytic"), ()
+            qat_methods, peers = ("minmax", "default"), ()
+        if args.methods:
+            qat_methods = tuple(m for m in qat_methods if m in args.methods)
+        peers = tuple(p for p in peers if args.peers is None or p.split()[0] in args.peers)
         for method in qat_methods:
-            result = qat_run(model, split, statqat(fmt, granularity, method), settings, desc=f"{label} {method}", keep_models=method == "analytic")
+            keep = method == DEPLOYED
+            result = qat_run(model, split, statqat(fmt, granularity, method), settings, desc=f"{label} {method}", keep_models=keep)
             rows.append(Row(label, LABELS[method], result.ptq_perplexity, result.qat_perplexity, result.step_seconds, result.converted_max_abs_diff))
             print(rows[-1], flush=True)
-            if method == "analytic" and not args.no_lower:
+            if keep and not args.no_lower:
                 sentences[label] = lowered_sentence(result.converted, tokenizer, label)
                 print(f"  deployed: {sentences[label]}", flush=True)
-        if "iterative" not in qat_methods:  # PTQ only
+        if "iterative" not in qat_methods and (not args.methods or "iterative" in args.methods):  # PTQ only
             result = qat_run(model, split, statqat(fmt, granularity, "iterative"), LLMQATSettings(**{**settings.__dict__, "steps": 0}), progress=False)
             rows.append(Row(label, LABELS["iterative"], result.ptq_perplexity, None, note="PTQ only"))
             print(rows[-1], flush=True)
@@ -218,9 +241,31 @@ def markdown(results: dict) -> str:
         note = f" ({r['note']})" if r["note"] else ""
         lines.append(f"| {r['fmt']} | {r['method']}{note} | {ptq} | {qat} | {gap} | {ratio} | {same} | {step} |")
     if results["sentences"]:
-        lines += ["", f'Deployed (torchao-lowered) StatQAT analytic QAT models, greedy continuation of "{PROMPT}":', ""]
+        lines += ["", f'Deployed (torchao-lowered) StatQAT QAT models, greedy continuation of "{PROMPT}":', ""]
         lines += [f"- {fmt}: {text}" for fmt, text in results["sentences"].items()]
     return "\n".join(lines)
+
+
+SAME_SETTINGS = ("steps", "batch", "lr", "eval_windows", "seed", "layers")
+
+
+def merged(new: dict, path: str) -> dict:
+    """``new`` with the rows of the results file ``path`` that ``new`` did not redo, in its row order."""
+    with open(path) as f:
+        old = json.load(f)
+    differ = [k for k in SAME_SETTINGS if old["settings"].get(k) != new["settings"].get(k)]
+    if differ or abs(old["float"] - new["float"]) > 1e-9:
+        raise SystemExit(f"--merge {path}: its settings differ ({', '.join(differ) or 'float perplexity'}); rerun instead")
+    redone = {(r["fmt"], r["method"]) for r in new["rows"]}
+    fresh = {(r["fmt"], r["method"]): r for r in new["rows"]}
+    rows = [fresh.pop((r["fmt"], r["method"]), r) for r in old["rows"]]
+    for r in fresh.values():  # rows the old file did not have: after the last row of their format
+        last = max((i for i, o in enumerate(rows) if o["fmt"] == r["fmt"]), default=len(rows) - 1)
+        rows.insert(last + 1, r)
+    sentences = {**old.get("sentences", {}), **new["sentences"]}
+    runs = old.get("runs", [old["settings"]]) + [new["settings"]]
+    return {**new, "rows": rows, "sentences": sentences, "runs": runs, "redone": sorted(map(list, redone)),
+            "seconds": old.get("seconds", 0) + new["seconds"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (a smoke test)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--methods", nargs="*", choices=list(LABELS), default=None, help="run only these StatQAT rows")
+    parser.add_argument("--peers", nargs="*", choices=["torchao", "brevitas"], default=None, help="run only these peers")
+    parser.add_argument(
+        "--merge", default=None, metavar="JSON",
+        help="an earlier results file: its rows this run did not redo are kept (same settings required)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.formats = args.formats or ["FP4 E2M1 g32"]
@@ -245,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     results["settings"] = {**vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     results["seconds"] = time.time() - start
+    if args.merge:
+        results = merged(results, args.merge)
     print(markdown(results))
     print(f"\ntotal {results['seconds'] / 60:.1f} min")
     if args.out:
