@@ -142,6 +142,7 @@ def test_w4a8_convolutions_lower_as_int8_range_weights(tmp_path):
     check_parity(q(x), et.run(tmp_path / "w4a8.pte", (x,)), backend="test", tolerance=et.STATIC_TOLERANCE)
 
 
+@pytest.mark.slow  # suite budget: the CNN and decoder 8da4w exports cover the path in the fast suite
 def test_8da4w_on_a_torch_export_traced_model(tmp_path):
     from statqat_ao.models import TransformerBlock
 

@@ -339,6 +339,7 @@ class InvertedResidualNet(nn.Module):
         return self.fc((y + self.bn3(self.pw2(z))).flatten(1))
 
 
+@pytest.mark.slow  # 24 s (torch.export of the prepared model, three times): make test-slow
 def test_set_qat_mode_makes_a_conv_bn_model_deploy_what_it_computes_in_eval(digits):
     """torchao's move_exported_model_to_eval leaves the quantizers updating (two eval runs
     differed by 10% of the peak, and so did both converts); set_qat_mode freezes them."""

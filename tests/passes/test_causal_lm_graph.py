@@ -74,6 +74,7 @@ def test_trains_with_keywords_and_dynamic_shapes_then_converts_bit_identically(a
         assert isinstance(converted, CausalLMGraph) and torch.equal(converted(ids, attention_mask=mask).logits, expected)
 
 
+@pytest.mark.slow  # suite budget: swapped decoders lower to torchao and ONNX in the fast suite (tests/backends)
 def test_converted_decoder_graph_lowers_to_torchao_and_onnx(tmp_path):
     _, graph, _ = prepared("llama", WEIGHT_ONLY)
     ids, mask = token_batch()

@@ -62,7 +62,8 @@ def test_no_graph_breaks_in_train_and_eval(kind):
         assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("kind", ["cnn", "block"])
+# Suite budget: the CNN is in make test-slow; the transformer block runs in the fast suite.
+@pytest.mark.parametrize("kind", [pytest.param("cnn", marks=pytest.mark.slow), "block"])
 def test_compiled_training_matches_eager(kind):
     eager = _cnn() if kind == "cnn" else _block()
     compiled_model = copy.deepcopy(eager)

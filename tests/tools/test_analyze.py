@@ -176,8 +176,8 @@ def test_output_aware_columns_bound_by_their_optimum():
 
 def test_smollm2_with_calibration_adds_output_aware_columns(tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["analyze", "smollm2", "--format", "fp4_e2m1", "--granularity", "32", "--max-rows", "4",
-            "--calibration-tokens", "512", "--out", str(out), "--no-plot"]  # fmt: skip
+    args = ["analyze", "smollm2", "--format", "fp4_e2m1", "--granularity", "32", "--max-rows", "2",
+            "--calibration-tokens", "256", "--out", str(out), "--no-plot"]  # fmt: skip
     assert _main(args) == 0
     header, rows = _read_csv(out / "layer_snr.csv")
     assert tuple(header[-3:]) == ("out_minmax", "out_auto", "out_optimum")
