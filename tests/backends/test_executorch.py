@@ -46,9 +46,10 @@ def exported(tmp_path_factory):
     return get
 
 
-# The uint8 CNN and the 8da4w transformer are in make test-slow (the decoder 8da4w test and
-# the int8 / 8da4w CNN cover those paths in the fast suite).
-_SLOW_EXPORTS = {("cnn", "w8a8_uint8"), ("transformer", "8da4w")}
+# The CNN's static exports and the 8da4w transformer are in make test-slow (the transformer's
+# static W8A8 export, the W4A8 convolutions test, the decoder 8da4w test and the 8da4w CNN
+# cover those paths in the fast suite).
+_SLOW_EXPORTS = {("cnn", "w8a8_uint8"), ("cnn", "w8a8"), ("transformer", "8da4w")}
 
 
 @pytest.mark.parametrize(
@@ -69,14 +70,14 @@ def test_export_runs_in_executorch_with_parity(exported, model, mode):
 
 
 def test_load_program_runs_repeatedly(exported):
-    q, x, report = exported("cnn", "w8a8")
+    q, x, report = exported("transformer", "w8a8")
     forward = et.load_program(report.path)
     first, second = forward(x)[0], forward(x)[0]
     assert torch.equal(first, second) and first.shape == q(x).shape
 
 
 def test_parity_check_catches_a_tampered_scale(exported):
-    q, x, report = exported("cnn", "w8a8")
+    q, x, report = exported("transformer", "w8a8")
     tampered = copy.deepcopy(q)
     tampered.get_submodule("head.weight_quant").scale.mul_(1.1)
     with torch.no_grad():

@@ -38,6 +38,7 @@ def _embed(out, mask):
     return (h * m).sum(1) / m.sum(1)
 
 
+@pytest.mark.slow  # suite budget: the zoo's and the decoders' graph-mode tests stay fast
 def test_minilm_weight_only_qat_trains_and_converts_exactly(minilm):
     model, tokenizer = minilm
     ids, mask = _batch(tokenizer, _sentences(8))
