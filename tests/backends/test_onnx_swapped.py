@@ -29,7 +29,7 @@ def converted(arch, qconfig):
 
 @pytest.mark.parametrize(
     ("arch", "case"),
-    [("llama", "int4-g32"), pytest.param("llama", "w8a8", marks=pytest.mark.slow), ("gpt2", "int4-g32"), pytest.param("gpt2", "w8a8", marks=pytest.mark.slow)],
+    [("llama", "int4-g32"), pytest.param("llama", "w8a8", marks=pytest.mark.slow), pytest.param("gpt2", "int4-g32", marks=pytest.mark.slow), pytest.param("gpt2", "w8a8", marks=pytest.mark.slow)],
 )
 def test_decoder_logits_graph_runs_in_onnxruntime(arch, case, tmp_path):
     q = converted(arch, CASES[case])

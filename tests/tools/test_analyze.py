@@ -174,6 +174,7 @@ def test_output_aware_columns_bound_by_their_optimum():
     assert snr["out_auto"] > snr["out_minmax"] + 0.3
 
 
+@pytest.mark.slow  # suite budget: the output-aware columns are checked on a tensor above in the fast suite
 def test_smollm2_with_calibration_adds_output_aware_columns(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["analyze", "smollm2", "--format", "fp4_e2m1", "--granularity", "32", "--max-rows", "2",
