@@ -28,6 +28,7 @@ from statqat_ao.numerics.scale_formats import scale_candidates
 
 from .minmax import minmax_qparams
 from .registry import Estimator, register
+from .search import keep_best
 
 E4M3_RANGE = tuple(range(-48, 17))  # 8 values per binade: 1/64 .. 4 x max|x| / g_K
 E8M0_RANGE = tuple(range(-6, 3))
@@ -69,12 +70,7 @@ def mse_qparams(
         ts = torch.ones((), dtype=x.dtype, device=x.device) if tensor_scale is None else tensor_scale.to(x.dtype)
         offsets = E8M0_RANGE if fmt.scale_format == "e8m0" else E4M3_RANGE
         zp = torch.zeros_like(base)
-        best_s, best_err = None, None
-        for s in ts * scale_candidates(base / ts, fmt.scale_format, offsets):
-            err = block_sse(x, s, zp, fmt, weights)
-            better = err < best_err if best_s is not None else torch.ones_like(err, dtype=torch.bool)
-            best_s = s if best_s is None else torch.where(better, s, best_s)
-            best_err = err if best_err is None else torch.where(better, err, best_err)
+        best_s, _ = keep_best(x, list(ts * scale_candidates(base / ts, fmt.scale_format, offsets)), lambda s: zp, fmt, weights)
         return best_s, zp
     if exact and symmetric and sweep_supported(fmt):
         s, _ = optimal_scale(x, fmt, weights)

@@ -57,7 +57,8 @@ E8M0_OFFSETS = (-2, -1, 0, 1)  # powers of two from 1/4 to 2 x the one just abov
 NEIGHBOURS = (-1, 0, 1)
 
 
-def _keep_best(x, candidates, zp_for, fmt, weights):
+def keep_best(x, candidates, zp_for, fmt, weights):
+    """Per block, the candidate scale (of the list of ``[B]`` tensors) with the lowest error, and that error."""
     best_s, best_err = None, None
     for s in candidates:
         err = block_sse(x, s, zp_for(s), fmt, weights)
@@ -107,7 +108,7 @@ def search_qparams(
         base = torch.where(m[0] > 0, m[0] / fmt.qmax, torch.ones_like(m[0]))
         offsets = E8M0_OFFSETS if fmt.scale_format == "e8m0" else E4M3_OFFSETS
         candidates = ts * scale_candidates(base / ts, fmt.scale_format, offsets)
-        s, _ = _keep_best(x, list(candidates), zp_for, fmt, weights)
+        s, _ = keep_best(x, list(candidates), zp_for, fmt, weights)
         return s, zp_for(s)
     if symmetric and sweep_supported(fmt):
         s, _ = optimal_scale(x, fmt, weights)
@@ -115,7 +116,7 @@ def search_qparams(
         return s, zp_for(s)
     span = s_mm * ((fmt.qmax - fmt.qmin) / 2 if (fmt.family == "int" and fmt.signed and symmetric) else 1.0)
     base = span / fmt.qmax if symmetric else s_mm
-    s, err = _keep_best(x, [s_mm] + [base * r for r in ratios], zp_for, fmt, weights)
+    s, err = keep_best(x, [s_mm] + [base * r for r in ratios], zp_for, fmt, weights)
     zp = zp_for(s)
     for _ in range(polish):
         s_new = least_squares_step(x, s, zp, fmt, weights)
@@ -133,7 +134,7 @@ def search_step(step: OnlineStep) -> tuple[torch.Tensor, torch.Tensor]:
     if step.fmt.is_block_format:
         ts = torch.ones((), dtype=step.scale.dtype, device=step.scale.device) if step.tensor_scale is None else step.tensor_scale
         candidates = ts * scale_candidates(step.scale / ts, step.fmt.scale_format, NEIGHBOURS)
-        s, _ = _keep_best(step.blocks, list(candidates), lambda s: zp, step.fmt, step.weights)
+        s, _ = keep_best(step.blocks, list(candidates), lambda s: zp, step.fmt, step.weights)
         return s, step.zero_point
     return least_squares_step(step.blocks, step.scale, zp, step.fmt, step.weights), step.zero_point
 
