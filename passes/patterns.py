@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import opaque_functions
+
 aten = torch.ops.aten
 
 _FUNCTION_KINDS: dict[object, str] = {
@@ -93,10 +95,15 @@ def unsupported_weighted_op(node: fx.Node, gm: fx.GraphModule) -> str | None:
         has_params = any(True for _ in mod.parameters(recurse=True))
         if has_params and op_kind(node, gm) is None and not is_float_by_design(mod):
             return f"{node.target} ({type(mod).__name__})"
-    if node.op == "call_function" and op_kind(node, gm) is None and not getattr(node.target, "statqat_weight_transform", False):
+    if (
+        node.op == "call_function"
+        and op_kind(node, gm) is None
+        and not getattr(node.target, "statqat_weight_transform", False)
+        and not opaque_functions.is_float_by_design(node.target)
+    ):
         # A function the trace kept whole (torch.fx.wrap, e.g. torchvision's
-        # shifted_window_attention) that reads weight matrices: the pass cannot see the
-        # GEMMs inside it, so those weights stay float.
+        # shifted_window_attention) that reads weight matrices the pass could not give a
+        # quantizer (opaque_functions.py registers those it can): they stay float.
         weights = [a.target for a in node.all_input_nodes if a.op == "get_attr" and _is_weight_matrix(gm, a.target)]
         if weights:
             name = getattr(node.target, "__name__", str(node.target))

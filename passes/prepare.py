@@ -30,10 +30,11 @@ from statqat_ao.numerics.blocks import block_layout
 from statqat_ao.numerics.formats import get_format
 from statqat_ao.quantizers.nonfinite import NonFiniteTracking
 
-from .constants import constant_value, get_attr, param_path
+from .constants import constant_value, get_attr, is_constant, param_path
 from .conv1d_as_linear import linearize_conv1d
 from .fold_bn import FoldedBatchNorm, fold_batchnorm
 from .functionalize import functionalize_weighted_modules
+from .opaque_functions import linear_weight_nodes
 from .patterns import (
     WEIGHTED_KINDS,
     enclosing_module,
@@ -94,7 +95,24 @@ class _Inserter:
             node.args = (node.args[0], self._weight_fq(weight, path, name, cfg.weight, node), *node.args[2:])
         return None
 
-    def _weight_fq(self, weight: fx.Node, path: str, layer: str, spec: QuantSpec, node: fx.Node) -> fx.Node:
+    def opaque_weights(self, node: fx.Node) -> None:
+        """Weight quantizers on the Linear weights a function the trace keeps whole takes as arguments."""
+        for where, weight in linear_weight_nodes(node):
+            path = param_path(weight)
+            if path is None or not is_constant(weight):
+                continue
+            owner = path.rpartition(".")[0]
+            cfg = self.qconfig.for_module(owner, self.gm.get_submodule(owner))
+            if cfg is None or cfg.weight is None:
+                continue
+            fq = self._weight_fq(weight, path, owner, cfg.weight, node, sees_input=False)
+            if isinstance(where, int):
+                node.args = (*node.args[:where], fq, *node.args[where + 1 :])
+            else:
+                node.kwargs = {**node.kwargs, where: fq}
+
+    def _weight_fq(self, weight: fx.Node, path: str, layer: str, spec: QuantSpec, node: fx.Node,
+                   sees_input: bool = True) -> fx.Node:  # fmt: skip
         if path in self.weight_fq:
             return self.weight_fq[path]
         # The group size must divide the row: fail here, naming the layer. The quantized
@@ -106,7 +124,7 @@ class _Inserter:
         leaf = path.rpartition(".")[2]
         module = spec.make(False)
         target = _register(self.gm, f"{owner}.{leaf}_fake_quant" if owner else f"{leaf}_fake_quant", module)
-        layer_input = _layer_input(node) if getattr(module, "output_aware", False) else None
+        layer_input = _layer_input(node) if sees_input and getattr(module, "output_aware", False) else None
         if layer_input is None:
             with self.gm.graph.inserting_after(weight):
                 fq = self.gm.graph.call_module(target, (weight,))
@@ -230,6 +248,7 @@ def prepare_qat_fx(
         elif kind == "cat" and isinstance(node.args[0], (list, tuple)):
             inserter.shared(node, list(node.args[0]))
         else:
+            inserter.opaque_weights(node)
             what = unsupported_weighted_op(node, gm) or unfolded_batch_norm(node)
             if what is not None:
                 unsupported.append(what)

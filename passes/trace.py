@@ -20,6 +20,8 @@ import types
 import torch
 from torch import fx, nn
 
+from . import attention
+
 
 class TraceError(RuntimeError):
     """The model could not be traced; the message names the construct and the way out."""
@@ -51,10 +53,24 @@ def _forward_reads_training(cls: type) -> bool:
 
 
 class ModeAwareTracer(fx.Tracer):
-    """torch.fx's tracer, keeping modules that read ``self.training`` as leaves (see :func:`reads_training_flag`)."""
+    """torch.fx's tracer, keeping modules that read ``self.training`` as leaves (see :func:`reads_training_flag`)
+    and tracing ``nn.MultiheadAttention`` through its projections where it can (:mod:`.attention`)."""
+
+    _rewriting: nn.Module | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if m is self._rewriting:
+            return False
         return super().is_leaf_module(m, module_qualified_name) or reads_training_flag(m)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if not attention.rewritable_call(m, args, kwargs):
+            return super().call_module(m, forward, args, kwargs)
+        self._rewriting = m
+        try:
+            return super().call_module(m, functools.partial(attention.traced_multihead_attention, m), args, kwargs)
+        finally:
+            self._rewriting = None
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:

@@ -274,10 +274,12 @@ class StatQATQuantizer(Quantizer):
     def prepare_obs_or_fq_callback(
         self, model: GraphModule, edge_or_node_to_obs_or_fq: dict
     ) -> None:
-        """Tell each shared fake-quantize module how many tensors it quantizes per forward."""
+        """Tell each shared fake-quantize module how many tensors it quantizes per forward, and
+        link each to the graph, whose owner torchao's ``move_exported_model_to_eval`` switches."""
         tensors: dict[int, tuple[StatQATPT2EFakeQuantize, set[Node]]] = {}
         for edge_or_node, fq in edge_or_node_to_obs_or_fq.items():
             if isinstance(fq, StatQATPT2EFakeQuantize):
+                fq.link_to_graph(model.graph)
                 tensor = edge_or_node[0] if isinstance(edge_or_node, tuple) else edge_or_node
                 tensors.setdefault(id(fq), (fq, set()))[1].add(tensor)
         for fq, nodes in tensors.values():

@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
-from torchao.quantization.pt2e import disable_observer
+from torchao.quantization.pt2e import (
+    disable_observer,
+    move_exported_model_to_eval,
+    move_exported_model_to_train,
+)
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
 import statqat_ao as sq
@@ -360,3 +364,31 @@ def test_set_qat_mode_makes_a_conv_bn_model_deploy_what_it_computes_in_eval(digi
         assert torch.equal(prepared(test), reference)
         assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
         assert torch.equal(convert_pt2e(copy.deepcopy(prepared))(test), reference)
+
+
+def test_torchaos_own_eval_switch_freezes_the_quantizers(digits):
+    """move_exported_model_to_eval never reaches our modules; they follow its flag on the root.
+    Before: two eval runs of this conv-bn network differed, and so did sq.convert."""
+    x, y = digits
+    images = x.reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    prepared = prepare_qat_pt2e(torch.export.export(InvertedResidualNet().train(), (images[:32],)).module(), StatQATQuantizer())
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    for i in range(3):
+        loss = F.cross_entropy(prepared(images[32 * i : 32 * (i + 1)]), y[32 * i : 32 * (i + 1)])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    move_exported_model_to_eval(prepared)
+    fqs = [m for m in prepared.modules() if isinstance(m, StatQATPT2EFakeQuantize)]
+    frozen = [m.scale.clone() for m in fqs]
+    test = images[-32:]
+    with torch.no_grad():
+        reference = prepared(test)
+        assert torch.equal(prepared(images[:32] * 3), prepared(images[:32] * 3))
+        assert torch.equal(prepared(test), reference)
+        assert all(torch.equal(m.scale, s) for m, s in zip(fqs, frozen, strict=True))
+        assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
+    move_exported_model_to_train(prepared)
+    prepared(images[:32] * 3)
+    assert any(not torch.equal(m.scale, s) for m, s in zip(fqs, frozen, strict=True))

@@ -44,8 +44,9 @@ pytestmark = pytest.mark.skipif(torchvision is None, reason=SKIP_REASON)
 
 # resnet18 (timm's zero_init_last: zero batch-norm weights), mobilenet_v3_small (a graph
 # deep enough to exhaust a recursive walk), swin_t (stochastic depth and an attention
-# function fx keeps whole).
-FAST = ["torchvision:resnet18", "timm:resnet18", "torchvision:mobilenet_v3_small", "torchvision:swin_t"]
+# function fx keeps whole), a two-layer torchvision ViT (nn.MultiheadAttention).
+FAST = ["torchvision:resnet18", "timm:resnet18", "torchvision:mobilenet_v3_small", "torchvision:swin_t", "torchvision:vit"]
+ATTENTION = {"torchvision:swin_t", "torchvision:vit"}  # every weight quantized, attention included
 SLOW = [
     "torchvision:mobilenet_v2",
     "torchvision:shufflenet_v2_x0_5",
@@ -57,6 +58,8 @@ SLOW = [
 
 def build(name: str) -> torch.nn.Module:
     library, arch = name.split(":")
+    if arch == "vit":  # vit_b_16's class at a size the suite can afford (64x64 images)
+        return torchvision.models.VisionTransformer(64, 16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128)
     if library == "torchvision":
         return getattr(torchvision.models, arch)()
     return timm.create_model(arch, pretrained=False)
@@ -65,9 +68,20 @@ def build(name: str) -> torch.nn.Module:
 def _prepared_and_trained(name: str, x: torch.Tensor):
     torch.manual_seed(0)
     model = build(name).train()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         qat = sq.prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+    stay_float = " ".join(str(w.message) for w in caught if "stay float" in str(w.message))
+    quantizers = {n for n, _ in qat.named_modules()}
+    for path, p in model.named_parameters():
+        # Every weight matrix (a Linear's, a conv's, MultiheadAttention's packed in-projection,
+        # Swin's qkv / proj read inside shifted_window_attention) gets a quantizer, or the
+        # warning names it. Tables and tokens (position embeddings, layer scales) are not weights.
+        if path.endswith("weight") and p.dim() >= 2:
+            owner = path.rpartition(".")[0]
+            assert f"{path}_fake_quant" in quantizers or owner in stay_float, f"{name}: {path} neither quantized nor named"
+    if name in ATTENTION:
+        assert not stay_float, f"{name}: {stay_float}"
     optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3, momentum=0.9)
     for _ in range(2):
         out = qat(x)
