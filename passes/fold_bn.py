@@ -71,6 +71,8 @@ class FoldedBatchNorm(nn.Module):
         self.weight, self.bias = bn.weight, bn.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, getattr(bn, name))
+        for name, child in bn.named_children():  # a norm-act module's children, called by the graph
+            self.add_module(name, child)
 
     def factor(self) -> torch.Tensor:
         """What the conv weight was folded with (:func:`fold_scale`: a zero gamma taken as 1)."""

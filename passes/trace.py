@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
@@ -52,6 +53,21 @@ def _forward_reads_training(cls: type) -> bool:
     return "self.training" in source
 
 
+# Batch norms with an activation attached (module, class) -> the children their forward
+# applies after normalising, in order. timm's BatchNormAct2d copies nn.BatchNorm2d's
+# forward (branching on self.training, which a trace would bake in) and then applies
+# `drop` and `act`; traced as a batch-norm leaf followed by those children, the batch norm
+# folds into its conv and .train() / .eval() switch it (split_norm_act).
+NORM_ACT: dict[tuple[str, str], tuple[str, ...]] = {
+    ("timm.layers.norm_act", "BatchNormAct2d"): ("drop", "act"),
+}
+
+
+def _norm_act_children(module: nn.Module) -> tuple[str, ...] | None:
+    cls = type(module)
+    return NORM_ACT.get((cls.__module__, cls.__qualname__))
+
+
 class ModeAwareTracer(fx.Tracer):
     """torch.fx's tracer, keeping modules that read ``self.training`` as leaves (see :func:`reads_training_flag`)
     and tracing ``nn.MultiheadAttention`` through its projections where it can (:mod:`.attention`)."""
@@ -64,6 +80,14 @@ class ModeAwareTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name) or reads_training_flag(m)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
+        children = _norm_act_children(m)
+        if children is not None and not kwargs and len(args) == 1:
+            # The batch norm as a leaf, then its children (split_norm_act makes the leaf plain).
+            out = self.create_proxy("call_module", self.path_of_module(m), args, {})
+            for name in children:
+                child = getattr(m, name)
+                out = super().call_module(child, child.forward, (out,), {})
+            return out
         if not attention.rewritable_call(m, args, kwargs):
             return super().call_module(m, forward, args, kwargs)
         self._rewriting = m
@@ -86,7 +110,25 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     """
     graph = ModeAwareTracer().trace(model)
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
-    return fx.GraphModule(model, graph, name)
+    gm = fx.GraphModule(model, graph, name)
+    split_norm_act(gm)
+    return gm
+
+
+def split_norm_act(gm: fx.GraphModule) -> None:
+    """In place: each registered norm-act module a ``call_module`` node calls becomes its
+    plain batch-norm base class over the same parameters, buffers and children (state-dict
+    names unchanged); the trace already calls the children after it (:data:`NORM_ACT`)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if _norm_act_children(module) is None:
+            continue
+        plain = copy.copy(module)  # shares the parameter, buffer and child dicts
+        plain.__class__ = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+        parent, _, leaf = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, plain)
 
 
 def _fx_failure_site(exc: BaseException) -> str:
