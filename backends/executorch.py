@@ -153,7 +153,7 @@ def export(
     except ParityError:
         path.unlink()  # leave no program that disagrees with the model behind
         raise
-    return ExecuTorchReport(BACKEND, path, path.stat().st_size, error, delegated, gemms, dict(outside))
+    return ExecuTorchReport(BACKEND, path, path.stat().st_size, error, delegated_nodes=delegated, gemms=gemms, outside_delegate=dict(outside))
 
 
 def load_program(path: str | os.PathLike) -> Callable[..., list[torch.Tensor]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -29,7 +30,9 @@ from typing import Literal
 import numpy as np
 import onnx
 import torch
+from statqat_ao.backends import code_parity
 from statqat_ao.backends.causal_lm import deployable
+from statqat_ao.backends.onnx_codes import runtime_codes
 from statqat_ao.backends.onnx_lower import (
     ACTIVATION_TYPES,
     LoweringError,
@@ -38,6 +41,7 @@ from statqat_ao.backends.onnx_lower import (
 )
 from statqat_ao.backends.parity import (
     ExportReport,
+    ParityError,
     UnsupportedModelError,
     as_tuple,
     check_formats,
@@ -175,27 +179,69 @@ def export(
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
     onnx.save_model(proto, path)
-    tolerance = default_tolerance(model) if tolerance is None else tolerance
-    error = verify(path, model, inputs, tolerance=tolerance)
-    return ExportReport(BACKEND, path, path.stat().st_size, error)
+    error, layers = _verify(path, model, inputs, tolerance)
+    return ExportReport(BACKEND, path, path.stat().st_size, error, tuple(layers))
 
 
 def verify(path: str | Path, model: fx.GraphModule, example_inputs: Sequence | torch.Tensor, *, tolerance: float | None = None) -> float:
     """Run the ONNX file on the inputs, compare with ``model``; return the max relative error.
 
-    Raises ParityError beyond ``tolerance`` (default :func:`default_tolerance`).
+    A model with integer activation codes is checked layer by layer (each quantizer's codes
+    against onnxruntime's, on onnxruntime's own inputs: :mod:`statqat_ao.backends.code_parity`),
+    unless ``tolerance`` is given; then, or where the codes cannot be read, end to end
+    against ``tolerance`` (default :func:`default_tolerance`).
+
+    Raises:
+        ParityError: a layer's codes differ beyond rounding ties, or the outputs differ.
 
     Example:
         >>> verify("model.onnx", q, x)  # doctest: +SKIP
         2.1e-07
     """
-    inputs = as_tuple(example_inputs)
-    model = deployable(model)
+    return _verify(path, deployable(model), as_tuple(example_inputs), tolerance)[0]
+
+
+def _verify(path, model, inputs: tuple, tolerance: float | None) -> tuple[float, list]:
+    backend = f"{BACKEND} ({Path(path).name})"
     with torch.no_grad():
         reference = flat_tensors(model(*inputs))
-    lowered = [torch.from_numpy(np.asarray(o)) for o in run_artifact(path, inputs)]
-    tolerance = default_tolerance(model) if tolerance is None else tolerance
-    return check_parity(reference, lowered, backend=f"{BACKEND} ({Path(path).name})", tolerance=tolerance)
+    raw = run_artifact(path, inputs)
+    lowered = [torch.from_numpy(np.asarray(o)) for o in raw]
+    codes = None
+    if tolerance is None and isinstance(model, fx.GraphModule) and code_parity.checkable(model):
+        codes = runtime_codes(path, inputs, raw)
+        if codes is not None and [tuple(c.shape) for c in codes] != _quantizer_shapes(model, inputs):
+            codes = None  # the file's quantizers do not line up with the model's: check end to end
+    if codes is None:
+        tolerance = default_tolerance(model) if tolerance is None else tolerance
+        return check_parity(reference, lowered, backend=backend, tolerance=tolerance), []
+    layers, fed = code_parity.check_layer_codes(model, inputs, codes)
+    wrong = [layer for layer in layers if not layer.within_ties]
+    if wrong:
+        raise ParityError(
+            f"{backend}: activation codes differ from the converted model's beyond rounding ties, on the same "
+            f"inputs: " + "; ".join(f"{layer} (a differing value {layer.max_tie_distance:.3g} steps from the "
+                                    f"rounding boundary, the window is {code_parity.TIE_WINDOW:g})" for layer in wrong[:3])
+        )
+    check_parity(flat_tensors(fed), lowered, backend=f"{backend}, the converted model fed its codes,",
+                 tolerance=code_parity.FED_TOLERANCE)  # fmt: skip
+    error = check_parity(reference, lowered, backend=backend, tolerance=float("inf"))
+    if error > default_tolerance(model):
+        flipped = sum(layer.differing for layer in layers)
+        warnings.warn(
+            f"{backend}: the outputs differ from the converted model's by {error:.3g} of the peak end to end, where "
+            f"{flipped} activation code(s) took the neighbouring code at a rounding tie and the difference travelled "
+            "on; every layer computes the converted model's codes from its inputs (checked layer by layer)",
+            stacklevel=3,
+        )
+    return error, layers
+
+
+def _quantizer_shapes(model: fx.GraphModule, inputs: tuple) -> list[tuple[int, ...]]:
+    recorder = code_parity.CodeRecorder(model)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return [tuple(values.shape) for values, _, _ in recorder.records]
 
 
 def ort_session(path: str | Path | bytes, *, optimization_level: str = "all", threads: int | None = None):

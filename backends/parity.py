@@ -38,9 +38,21 @@ class ExportReport:
     path: Path
     file_bytes: int
     max_error: float  # max|artifact - converted| / max|converted| on the example inputs
+    # Per activation quantizer, where the backend checked codes layer by layer
+    # (statqat_ao.backends.code_parity.LayerCodes): the share that differ and by how much.
+    layers: tuple = ()
 
     def __str__(self) -> str:
-        return f"{self.backend}: wrote {self.path} ({self.file_bytes / 1024:.1f} KiB), parity error {self.max_error:.3g}"
+        text = f"{self.backend}: wrote {self.path} ({self.file_bytes / 1024:.1f} KiB), parity error {self.max_error:.3g}"
+        if self.layers:
+            differing = sum(layer.differing for layer in self.layers)
+            total = sum(layer.codes for layer in self.layers)
+            steps = max(layer.max_steps for layer in self.layers)
+            text += (
+                f"; {len(self.layers)} activation quantizers checked layer by layer: {differing} of {total} codes "
+                f"differ (at most {steps} step, all at rounding ties)"
+            )
+        return text
 
 
 class UnsupportedModelError(ValueError):

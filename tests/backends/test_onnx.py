@@ -13,7 +13,9 @@ import pytest
 import torch
 from backend_models import converted
 from onnx import TensorProto, numpy_helper
+from statqat_ao.backends import code_parity
 from statqat_ao.backends import onnx as onnx_backend
+from statqat_ao.backends.onnx_codes import runtime_codes
 from statqat_ao.backends.parity import ParityError, UnsupportedModelError, check_parity
 
 import statqat_ao as sq
@@ -129,6 +131,38 @@ def test_corrupted_scale_in_the_file_raises_parity_error(exported, tmp_path):
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.05, scale.name))
     onnx.save_model(proto, tmp_path / "tampered.onnx")
     with pytest.raises(ParityError, match="onnx .*differs from the converted model"):
+        onnx_backend.verify(tmp_path / "tampered.onnx", q, x)
+
+
+def test_activation_codes_are_checked_layer_by_layer(exported):
+    q, x, report = exported("cnn", "w8a8")
+    paths = [code_parity.quantizer_path(n) for n in code_parity.activation_quantizers(q)]
+    assert [layer.path for layer in report.layers] == paths and len(paths) >= 3
+    assert all(layer.within_ties for layer in report.layers)
+    # The codes onnxruntime computed, read independently: equal to the model's own codes
+    # wherever the report says none differ.
+    codes = runtime_codes(report.path, (x,))
+    recorder = code_parity.CodeRecorder(q)
+    with torch.no_grad():
+        recorder.run(x)
+    for layer, runtime, (own, _, _) in zip(report.layers, codes, recorder.records, strict=True):
+        assert layer.codes == own.numel()
+        if layer.differing == 0:
+            assert torch.equal(runtime, own), layer.path
+
+
+def test_a_wrong_activation_scale_is_caught_at_its_layer(exported, tmp_path):
+    """A QuantizeLinear whose scale is 1% off (its DequantizeLinear right): the codes of that
+    layer move by a step wherever a value lies within 1% of a boundary."""
+    q, x, report = exported("cnn", "w8a8")
+    proto = onnx.load(str(report.path))
+    node = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"][1]
+    scale = next(t for t in proto.graph.initializer if t.name == node.input[1])
+    bad = numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.01), scale.name + "_tampered")
+    proto.graph.initializer.append(bad)
+    node.input[1] = bad.name
+    onnx.save_model(proto, tmp_path / "tampered.onnx")
+    with pytest.raises(ParityError, match=r"activation codes differ .* beyond rounding ties"):
         onnx_backend.verify(tmp_path / "tampered.onnx", q, x)
 
 

@@ -6,40 +6,18 @@ and the converted model equals the QAT model in eval bit for bit (whatever mode 
 is handed the model in). The slow set covers more of the zoo (`make test-slow`).
 """
 
-import importlib
-import sys
-import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import statqat_ao as sq
+from statqat_ao.models.vision import NOT_INSTALLED as SKIP_REASON
+from statqat_ao.models.vision import build_classifier as build
+from statqat_ao.models.vision import import_vision
 
-# torchvision and timm live in `.venv/vision-site` (see the Makefile), not in the venv:
-# PyPI's torchvision 0.28.0 is a CUDA build whose import fails next to the CPU torch while
-# it registers fake kernels for its C ops ("operator torchvision::nms does not exist"),
-# and transformers imports torchvision wherever it finds it. The classification models
-# are plain Python and never call those ops, so a stub for that one registration module
-# lets them build. The folder is on sys.path only while importing, so other processes
-# (the distributed tests' workers inherit sys.path) never find torchvision.
-VISION_SITE = Path(sys.prefix) / "vision-site"
-SKIP_REASON = f"torchvision / timm are not installed (make install puts them in {VISION_SITE})"
-
-
-def _import_vision():
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-    sys.path.append(str(VISION_SITE))
-    try:
-        return importlib.import_module("torchvision"), importlib.import_module("timm")
-    except ImportError:
-        return None, None
-    finally:
-        sys.path.remove(str(VISION_SITE))
-
-
-torchvision, timm = _import_vision()
+# torchvision and timm come from the venv's vision folder (statqat_ao.models.vision says why).
+torchvision, timm = import_vision()
 pytestmark = pytest.mark.skipif(torchvision is None, reason=SKIP_REASON)
 
 # resnet18 (timm's zero_init_last: zero batch-norm weights), mobilenet_v3_small (a graph
@@ -54,15 +32,6 @@ SLOW = [
     "torchvision:regnet_y_400mf",
     "timm:efficientnet_b0",
 ]
-
-
-def build(name: str) -> torch.nn.Module:
-    library, arch = name.split(":")
-    if arch == "vit":  # vit_b_16's class at a size the suite can afford (64x64 images)
-        return torchvision.models.VisionTransformer(64, 16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128)
-    if library == "torchvision":
-        return getattr(torchvision.models, arch)()
-    return timm.create_model(arch, pretrained=False)
 
 
 def _prepared_and_trained(name: str, x: torch.Tensor):

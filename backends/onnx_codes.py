@@ -1,0 +1,67 @@
+"""onnxruntime's activation codes: every QuantizeLinear output of an ONNX file, read in one run.
+
+The file's activation QuantizeLinear nodes are appended to its outputs (in a copy held in
+memory). The check in :mod:`statqat_ao.backends.code_parity` is only sound if that copy
+computes what the file computes: its original outputs must be bit-identical to the
+file's, or :func:`runtime_codes` returns None (onnxruntime may then have fused the
+graph otherwise) and the caller falls back to the end-to-end check.
+
+Example:
+    >>> codes = runtime_codes("model.onnx", (torch.randn(1, 3, 32, 32),))  # doctest: +SKIP
+    >>> [c.dtype for c in codes][:1]  # doctest: +SKIP
+    [torch.int64]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+
+def quantize_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The QuantizeLinear nodes of the main graph, in order."""
+    return [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+
+
+def _zero_point(proto: onnx.ModelProto, node: onnx.NodeProto) -> tuple[int, int]:
+    """``(zero point, element type)`` of a per-tensor QuantizeLinear."""
+    if len(node.input) > 2 and node.input[2]:
+        init = next(t for t in proto.graph.initializer if t.name == node.input[2])
+        return int(numpy_helper.to_array(init).reshape(-1)[0]), init.data_type
+    to = next((a.i for a in node.attribute if a.name == "output_dtype"), onnx.TensorProto.UINT8)
+    return 0, to
+
+
+def runtime_codes(path: str | Path, inputs: tuple, outputs: list[np.ndarray] | None = None) -> list[torch.Tensor] | None:
+    """Code values (zero point removed) of every QuantizeLinear, from onnxruntime, or None
+    when reading them changes the file's outputs (see the module docstring), when the file
+    is run by onnx.reference (FLOAT4E2M1), or when the codes are not 8-bit.
+
+    ``outputs``: the file's own outputs on ``inputs``, if already computed.
+    """
+    from .onnx import _feeds, ort_session, run_artifact
+
+    proto = onnx.load(str(path))
+    nodes = quantize_nodes(proto)
+    if not nodes:
+        return []
+    if any(t.data_type == onnx.TensorProto.FLOAT4E2M1 for t in proto.graph.initializer):
+        return None  # run by onnx.reference, not onnxruntime
+    zero_points = []
+    original = len(proto.graph.output)
+    for node in nodes:
+        zp, elem_type = _zero_point(proto, node)
+        if elem_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            return None  # onnxruntime hands 4-bit outputs back packed, unreadable by numpy
+        zero_points.append(zp)
+        proto.graph.output.append(helper.make_tensor_value_info(node.output[0], elem_type, None))
+    session = ort_session(proto.SerializeToString())
+    results = session.run(None, _feeds([i.name for i in session.get_inputs()], inputs))
+    plain = run_artifact(path, inputs) if outputs is None else outputs
+    if any(not np.array_equal(a, b) for a, b in zip(plain, results[:original], strict=True)):
+        return None
+    return [torch.from_numpy(r.astype(np.int64)) - zp for r, zp in zip(results[original:], zero_points, strict=True)]
