@@ -52,15 +52,34 @@ _FUSED_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 _COMMUTING_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten)
 
 
+ACTIVATION_INDEX = "statqat_activation_index"  # node meta: which converted quantize call a Q node is
+
+
+def with_activation_codes(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]:
+    """A copy of a :func:`rewrite_static` graph that also returns every activation quantizer's
+    int8 codes (after the model's outputs), and the zero point (shift included) of each."""
+    probe = copy.deepcopy(gm)
+    nodes = sorted((n for n in probe.graph.nodes if ACTIVATION_INDEX in n.meta), key=lambda n: n.meta[ACTIVATION_INDEX])
+    output = next(n for n in probe.graph.nodes if n.op == "output")
+    outputs = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    output.args = ((*outputs, *nodes),)
+    probe.recompile()
+    return probe, [int(n.args[2]) for n in nodes]
+
+
 def rewrite_static(model: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of ``model`` on ``quantized_decomposed`` ops, and its GEMM counts.
 
     Example: see the module docstring.
     """
     gm = copy.deepcopy(model)
+    activation_index = 0
     for node in list(gm.graph.nodes):
         if _calls(node, _QUANTIZE) or _calls(node, _DEQUANTIZE):
-            _replace(gm, node, _static_op(gm, node))
+            new = _replace(gm, node, _static_op(gm, node))
+            if _calls(node, _QUANTIZE):  # the converted model's k-th activation quantizer
+                new.meta[ACTIVATION_INDEX] = activation_index
+                activation_index += 1
     _drop_type_as(gm)
     counts = {"int8_gemms": 0, "fp32_gemms": 0}
     for node in list(gm.graph.nodes):
@@ -155,12 +174,13 @@ def _buffers(gm, node, path, scale, zero_point) -> tuple[fx.Node, fx.Node]:
         return gm.graph.get_attr(f"{path}.xnnpack_scale"), gm.graph.get_attr(f"{path}.xnnpack_zero_point")
 
 
-def _replace(gm, node, op_args: tuple) -> None:
+def _replace(gm, node, op_args: tuple) -> fx.Node:
     op, args = op_args
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(op, args)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    return new
 
 
 def _insert_per_token_qdq(gm, linear: fx.Node) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -41,7 +40,6 @@ from statqat_ao.backends.onnx_lower import (
 )
 from statqat_ao.backends.parity import (
     ExportReport,
-    ParityError,
     UnsupportedModelError,
     as_tuple,
     check_formats,
@@ -216,25 +214,7 @@ def _verify(path, model, inputs: tuple, tolerance: float | None) -> tuple[float,
         tolerance = default_tolerance(model) if tolerance is None else tolerance
         return check_parity(reference, lowered, backend=backend, tolerance=tolerance), []
     layers, fed = code_parity.check_layer_codes(model, inputs, codes)
-    wrong = [layer for layer in layers if not layer.within_ties]
-    if wrong:
-        raise ParityError(
-            f"{backend}: activation codes differ from the converted model's beyond rounding ties, on the same "
-            f"inputs: " + "; ".join(f"{layer} (a differing value {layer.max_tie_distance:.3g} steps from the "
-                                    f"rounding boundary, the window is {code_parity.TIE_WINDOW:g})" for layer in wrong[:3])
-        )
-    check_parity(flat_tensors(fed), lowered, backend=f"{backend}, the converted model fed its codes,",
-                 tolerance=code_parity.FED_TOLERANCE)  # fmt: skip
-    error = check_parity(reference, lowered, backend=backend, tolerance=float("inf"))
-    if error > default_tolerance(model):
-        flipped = sum(layer.differing for layer in layers)
-        warnings.warn(
-            f"{backend}: the outputs differ from the converted model's by {error:.3g} of the peak end to end, where "
-            f"{flipped} activation code(s) took the neighbouring code at a rounding tie and the difference travelled "
-            "on; every layer computes the converted model's codes from its inputs (checked layer by layer)",
-            stacklevel=3,
-        )
-    return error, layers
+    return code_parity.accept_layers(backend, layers, fed, lowered, reference, default_tolerance(model)), layers
 
 
 def _quantizer_shapes(model: fx.GraphModule, inputs: tuple) -> list[tuple[int, ...]]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from backend_models import converted
 from statqat_ao.backends import executorch as et
+from statqat_ao.backends.executorch_graph import rewrite_static
 from statqat_ao.backends.parity import ParityError, UnsupportedModelError, check_parity
 
 import statqat_ao as sq
@@ -153,3 +154,24 @@ def test_8da4w_on_a_torch_export_traced_model(tmp_path):
     q = sq.convert(sq.prepare_qat_fx(TransformerBlock(64, 2), qc, (x,), trace_method="export"))
     report = et.export(q, (x,), tmp_path / "block.pte", activations="dynamic_int8")
     assert report.gemms == {"dynamic_gemms": 4}
+
+
+def test_layer_by_layer_check_when_the_end_to_end_one_fails(tmp_path, monkeypatch):
+    """A deep network's program can miss the end-to-end tolerance with every layer right: then
+    a second program returns each quantizer's codes and every layer is checked on its own.
+    The end-to-end check is made to fail here (a negative tolerance) to take that path."""
+    q, x = _small(sq.get_statqat_qconfig("int8", "int8"))
+    monkeypatch.setattr(et, "STATIC_TOLERANCE", -1.0)
+    with pytest.warns(UserWarning, match="checked layer by layer"):
+        report = et.export(q, (x,), tmp_path / "m.pte")
+    assert [layer.path for layer in report.layers] == ["0.input_quant", "2.input_quant"]
+    assert all(layer.within_ties and layer.codes == layer_numel for layer, layer_numel in zip(report.layers, (8 * 64, 8 * 32), strict=True))
+    # The same program against a model whose second activation scale is 1% off: caught at that layer.
+    tampered = copy.deepcopy(q)
+    tampered.get_submodule("2.input_quant").scale.mul_(1.01)
+    gm, _ = rewrite_static(q)
+    outputs = et.run(report.path, (x,))
+    with torch.no_grad():
+        reference = [tampered(x)]
+    with pytest.raises(ParityError, match=r"2\.input_quant: .* differ"):
+        et._check_layers(tampered, gm, (x,), outputs, reference, ParityError("end to end"))
