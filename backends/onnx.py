@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ import torch
 from statqat_ao.backends import code_parity
 from statqat_ao.backends.causal_lm import deployable
 from statqat_ao.backends.onnx_codes import runtime_codes
+from statqat_ao.backends.onnx_integer import integer_convolutions
 from statqat_ao.backends.onnx_lower import (
     ACTIVATION_TYPES,
     LoweringError,
@@ -172,6 +174,7 @@ def export(
         raise ValueError(f"opset {opset} is too old: fp4_form={fp4_form!r} needs opset {needed} or newer")
     opset = opset or needed
     proto = lower_markers(_torch_export(model, inputs, opset, dynamic_batch), fp4_form)
+    integer_convolutions(proto)  # int32 biases of W8A8 convs: onnxruntime's QLinearConv
     if _has_float4(proto):
         proto.ir_version = max(proto.ir_version, 11)  # FLOAT4E2M1 needs IR 11
     onnx.checker.check_model(proto, full_check=True)
@@ -253,13 +256,26 @@ def ort_session(path: str | Path | bytes, *, optimization_level: str = "all", th
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     # x86 CPUs without VNNI multiply u8 x s8 with a saturating 16-bit pairwise add
     # (pmaddubsw): INT8 weights that use their full range overflow it (measured 40% error
-    # on a test transformer). This setting makes onnxruntime use exact u8 x u8 kernels.
-    options.add_session_config_entry("session.x64quantprecision", "1")
+    # on a test transformer). This setting makes onnxruntime use exact u8 x u8 kernels,
+    # at half the speed; VNNI's dot product (vpdpbusd) does not saturate, so it is set
+    # only where the CPU lacks VNNI.
+    if not _cpu_has_vnni():
+        options.add_session_config_entry("session.x64quantprecision", "1")
     if threads is not None:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(
         model, options, providers=["CPUExecutionProvider"], disabled_optimizers=_disabled_rewrites(model)
     )
+
+
+@functools.cache
+def _cpu_has_vnni() -> bool:
+    """True on an x86 CPU with AVX-512 VNNI or AVX-VNNI (Linux's /proc/cpuinfo; False where unreadable)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def _load_graph(model: str | bytes) -> onnx.ModelProto:

@@ -21,10 +21,13 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from .onnx_integer import BEFORE_RELU
+
 
 def quantize_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The QuantizeLinear nodes of the main graph, in order."""
-    return [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    """The QuantizeLinear nodes of the model's quantizers, in order (not the copies
+    :mod:`.onnx_integer` puts before a Relu)."""
+    return [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and not n.name.endswith(BEFORE_RELU)]
 
 
 def _zero_point(proto: onnx.ModelProto, node: onnx.NodeProto) -> tuple[int, int]:

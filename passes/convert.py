@@ -36,6 +36,7 @@ from statqat_ao.quantizers.quantized import (
     quantizer_tensor_scale,
 )
 
+from .bias_quant import BiasGrid, quantize_bias
 from .constants import constant_value, is_constant
 from .fold_bn import FoldedBatchNorm, deployed_fold, fold_scale
 from .functionalize import functionalize_weighted_modules
@@ -94,6 +95,15 @@ def convert(prepared: nn.Module, inplace: bool = False) -> nn.Module:
     functionalize_weighted_modules(gm)
     graph = gm.graph
     cache: dict = {}
+    # Biases first: their int32 grid reads the quantizers' scales, which become codes below.
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FoldedBatchNorm):
+            _convert_folded_bn(gm, node, gm.get_submodule(node.target), cache)
+        elif node.op == "call_function" and node.target is quantize_bias:
+            _store_constant(gm, node, f"{node.name}_int32", cache)
+    for node in list(graph.nodes):  # the int32 grids, read above
+        if node.op == "call_module" and not node.users and isinstance(gm.get_submodule(node.target), BiasGrid):
+            graph.erase_node(node)
     converted: dict[str, str] = {}  # quantizer path -> QuantizedParams path (PT2E reuses modules)
     for node in list(graph.nodes):
         if node.op != "call_module":
@@ -102,9 +112,7 @@ def convert(prepared: nn.Module, inplace: bool = False) -> nn.Module:
             _replace_calls(gm, node, converted[node.target])
             continue
         mod = gm.get_submodule(node.target)
-        if isinstance(mod, FoldedBatchNorm):
-            _convert_folded_bn(gm, node, mod, cache)
-        elif isinstance(mod, (FakeQuantizer, LSQFakeQuantize)):
+        if isinstance(mod, (FakeQuantizer, LSQFakeQuantize)):
             if getattr(mod, "fake_quant_enabled", True) is False:
                 _bypass(gm, node)
                 continue
@@ -193,11 +201,21 @@ def _replace_activation_calls(gm, node, path, fmt_name) -> None:
     gm.graph.erase_node(node)
 
 
+def _store_constant(gm, node, name: str, cache) -> None:
+    """Replace a constant node by a buffer holding its value (a quantized bias)."""
+    gm.register_buffer(name, constant_value(node, gm, cache).detach().clone())
+    with gm.graph.inserting_before(node):
+        new = gm.graph.get_attr(name)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def _convert_folded_bn(gm, node, bn: FoldedBatchNorm, cache) -> None:
     y = node.args[0]
     conv_bias = constant_value(node.args[1], gm, cache) if len(node.args) > 1 else None
+    scale = node.kwargs.get("bias_scale")
     with torch.no_grad():
-        bias = bn.folded_bias_broadcast(conv_bias)
+        bias = bn.deployed_bias(conv_bias, None if scale is None else constant_value(scale, gm, cache))
     path = f"{node.target}_folded_bias"
     parent, _, leaf = path.rpartition(".")
     (gm.get_submodule(parent) if parent else gm).register_buffer(leaf, bias.clone())
@@ -225,4 +243,8 @@ def _drop_unused_parameters(gm: fx.GraphModule) -> None:
         if path in read or any(path.startswith(c + ".") for c in called):
             continue
         owner, _, leaf = path.rpartition(".")
-        del (gm.get_submodule(owner) if owner else gm)._parameters[leaf]
+        module = gm.get_submodule(owner) if owner else gm
+        if leaf == "bias":  # an int32 bias stored elsewhere: nn.Linear / nn.Conv reprs read .bias
+            module._parameters[leaf] = None
+        else:
+            del module._parameters[leaf]

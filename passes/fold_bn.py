@@ -88,12 +88,22 @@ class FoldedBatchNorm(nn.Module):
         """:meth:`folded_bias` shaped to add to the conv output (``[1, C, 1, ...]``)."""
         return self.folded_bias(conv_bias).reshape((1, -1) + (1,) * (self.ndim - 2))
 
-    def forward(self, y: torch.Tensor, conv_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def deployed_bias(self, conv_bias: torch.Tensor | None, bias_scale: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`folded_bias_broadcast`, on the int32 grid ``bias_scale`` where one is given."""
+        from .bias_quant import quantize_bias
+
+        bias = self.folded_bias_broadcast(conv_bias)
+        return bias if bias_scale is None else quantize_bias(bias, bias_scale)
+
+    def forward(self, y: torch.Tensor, conv_bias: torch.Tensor | None = None,
+                bias_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """``bias_scale``: the int32 bias grid ``s_x s_w`` of an integer layer (bias_quant.py),
+        which the eval-mode folded bias is rounded to."""
         shape = (1, -1) + (1,) * (y.dim() - 2)
         if not self.training:
             if self.weight is not None:  # zero-gamma channels: their deployed weight is 0 (deployed_fold)
                 y = y * (self.weight != 0).to(y.dtype).reshape(shape)
-            return y + self.folded_bias_broadcast(conv_bias)
+            return y + self.deployed_bias(conv_bias, bias_scale)
         y = y / self.factor().reshape(shape)
         if conv_bias is not None:
             y = y + conv_bias.reshape(shape)

@@ -30,6 +30,7 @@ from statqat_ao.numerics.blocks import block_layout
 from statqat_ao.numerics.formats import get_format
 from statqat_ao.quantizers.nonfinite import NonFiniteTracking
 
+from .bias_quant import BiasGrid, integer_kernel, quantize_bias
 from .constants import constant_value, get_attr, is_constant, param_path
 from .conv1d_as_linear import linearize_conv1d
 from .fold_bn import FoldedBatchNorm, fold_batchnorm
@@ -88,12 +89,37 @@ class _Inserter:
         cfg = self.qconfig.for_module(name, module)
         if cfg is None:
             return None
+        x = w = None
         if cfg.activation is not None and is_float_activation(node.args[0]):
             x = self._activation_fq(node.args[0], cfg.activation, f"{name}.input_fake_quant" if name else f"{node.name}_input_fake_quant")
             node.args = (x, *node.args[1:])
         if cfg.weight is not None:
-            node.args = (node.args[0], self._weight_fq(weight, path, name, cfg.weight, node), *node.args[2:])
+            w = self._weight_fq(weight, path, name, cfg.weight, node)
+            node.args = (node.args[0], w, *node.args[2:])
+        if x is not None and w is not None and integer_kernel(cfg.activation, cfg.weight):
+            self._int32_bias(node, x, w)
         return None
+
+    def _int32_bias(self, node: fx.Node, x: fx.Node, w: fx.Node) -> None:
+        """The layer's bias (or the bias its folded batch norm adds in eval) as int32 codes of
+        ``s_x s_w`` (bias_quant.py)."""
+        graph = self.gm.graph
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        users = list(node.users)
+        folded = users[0] if len(users) == 1 and users[0].op == "call_module" and isinstance(
+            self.gm.get_submodule(users[0].target), FoldedBatchNorm) else None  # fmt: skip
+        if bias is None and folded is None:
+            return
+        grid = BiasGrid(self.gm.get_submodule(x.target), self.gm.get_submodule(w.target))
+        target = _register(self.gm, f"{w.target.rpartition('.')[0]}.bias_grid" if "." in w.target else "bias_grid", grid)
+        with graph.inserting_before(node):
+            scale = graph.call_module(target, ())
+            if bias is not None and folded is None:
+                quantized = graph.call_function(quantize_bias, (bias, scale))
+                quantized.meta["is_wrapped"] = True
+                node.args = (*node.args[:2], quantized, *node.args[3:])
+        if folded is not None:
+            folded.kwargs = {**folded.kwargs, "bias_scale": scale}
 
     def opaque_weights(self, node: fx.Node) -> None:
         """Weight quantizers on the Linear weights a function the trace keeps whole takes as arguments."""

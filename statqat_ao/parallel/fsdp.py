@@ -52,7 +52,7 @@ def unit_region(gm: fx.GraphModule, path: str) -> list[fx.Node]:
         >>> import torch, statqat_ao as sq
         >>> gm = sq.prepare_qat_fx(torch.nn.Sequential(torch.nn.Linear(4, 4)), sq.statqat_qconfig)
         >>> [n.op for n in unit_region(gm, "0")]
-        ['call_module', 'get_attr', 'get_attr', 'call_module', 'call_function']
+        ['call_module', 'get_attr', 'get_attr', 'call_module', 'call_module', 'call_function']
     """
     prefix = path + "."
     nodes = list(gm.graph.nodes)

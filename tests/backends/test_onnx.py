@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from backend_models import converted
@@ -16,6 +17,7 @@ from onnx import TensorProto, numpy_helper
 from statqat_ao.backends import code_parity
 from statqat_ao.backends import onnx as onnx_backend
 from statqat_ao.backends.onnx_codes import runtime_codes
+from statqat_ao.backends.onnx_integer import integer_convolutions
 from statqat_ao.backends.parity import ParityError, UnsupportedModelError, check_parity
 
 import statqat_ao as sq
@@ -164,6 +166,57 @@ def test_a_wrong_activation_scale_is_caught_at_its_layer(exported, tmp_path):
     onnx.save_model(proto, tmp_path / "tampered.onnx")
     with pytest.raises(ParityError, match=r"activation codes differ .* beyond rounding ties"):
         onnx_backend.verify(tmp_path / "tampered.onnx", q, x)
+
+
+def test_w8a8_convolutions_run_as_qlinearconv(exported, tmp_path):
+    """onnxruntime fuses both convs of the CNN into integer QLinearConv kernels (int32 biases,
+    trained as such); the file's bias codes times s_x s_w are the converted model's biases."""
+    q, x, report = exported("cnn", "w8a8")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(report.path), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=onnx_backend._disabled_rewrites(str(report.path)))  # fmt: skip
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 2 and "FusedConv" not in ops and "Conv" not in ops
+    proto = onnx.load(str(report.path))
+    arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    biases = [b.reshape(-1).numpy() for name, b in q.named_buffers() if "bias" in name]
+    for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
+        dq = producers[conv.input[2]]
+        codes, scale = arrays[dq.input[0]], arrays[dq.input[1]]
+        assert codes.dtype == np.int32
+        assert any(np.array_equal(codes.astype(np.float32) * scale, b) for b in biases)
+
+
+def _conv_with_bias_add(bias: np.ndarray) -> onnx.ModelProto:
+    """DQ(x uint8) and DQ(w int8, per channel) -> Conv -> Add(bias [1, 2, 1, 1]) -> Q."""
+    h = onnx.helper
+    inits = [
+        numpy_helper.from_array(np.float32(0.5), "sx"), numpy_helper.from_array(np.uint8(128), "zx"),
+        numpy_helper.from_array(np.ones((2, 1, 1, 1), np.int8), "w"), numpy_helper.from_array(np.float32([0.25, 0.125]), "sw"),
+        numpy_helper.from_array(np.zeros(2, np.int8), "zw"), numpy_helper.from_array(bias.reshape(1, 2, 1, 1), "b"),
+    ]  # fmt: skip
+    nodes = [
+        h.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        h.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0), h.make_node("Conv", ["xd", "wd"], ["c"]),
+        h.make_node("Add", ["c", "b"], ["y"]),
+    ]  # fmt: skip
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+
+
+def test_only_biases_on_the_int32_grid_move_into_the_conv():
+    on_grid = _conv_with_bias_add(np.float32([3 * 0.125, -5 * 0.0625]))  # s_x s_w = 0.125, 0.0625
+    assert integer_convolutions(on_grid) == 1
+    conv = next(n for n in on_grid.graph.node if n.op_type == "Conv")
+    codes = next(numpy_helper.to_array(t) for t in on_grid.graph.initializer if t.name.endswith("_bias.codes"))
+    assert "Add" not in [n.op_type for n in on_grid.graph.node] and len(conv.input) == 3
+    assert codes.tolist() == [3, -5]
+    off_grid = _conv_with_bias_add(np.float32([3 * 0.125 + 1e-3, -5 * 0.0625]))
+    assert integer_convolutions(off_grid) == 0  # left as it is: the rewrite never changes a value
+    assert "Add" in [n.op_type for n in off_grid.graph.node]
 
 
 @pytest.mark.parametrize(
