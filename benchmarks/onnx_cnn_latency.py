@@ -29,9 +29,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import torch
+from statqat_ao.backends import onnx as onnx_backend
 
 import statqat_ao as sq
-from statqat_ao.backends import onnx as onnx_backend
 from statqat_ao.models import DigitsCNN, load_digits_split
 from statqat_ao.models.vision import build_classifier, digits_images
 

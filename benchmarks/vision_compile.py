@@ -37,7 +37,6 @@ METHODS = ("float", "statqat", "torch.ao")
 
 
 def prepare(model, method: str, x):
-    import torch
 
     import statqat_ao as sq
 
