@@ -1,0 +1,54 @@
+"""Trained deep CNNs deploy: W8A8 resnet18 and mobilenet_v2 to ONNX and ExecuTorch (make test-slow).
+
+Real images (sklearn's digits at 32x32, RGB), 100 SGD steps of QAT (the model learns:
+test accuracy checked), convert, then both exports with their parity checks: layer by layer,
+where codes flipped at rounding ties travel through the network. onnxruntime must run the
+convolutions as integer QLinearConv kernels.
+"""
+
+import warnings
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from statqat_ao.backends import executorch
+from statqat_ao.backends import onnx as onnx_backend
+
+import statqat_ao as sq
+from statqat_ao.models.vision import NOT_INSTALLED, build_classifier, digits_images, import_vision
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(import_vision()[0] is None, reason=NOT_INSTALLED)]
+
+
+@pytest.mark.parametrize("name, integer_convs", [("torchvision:resnet18", 19), ("torchvision:mobilenet_v2", 40)])
+def test_a_trained_w8a8_cnn_exports_to_onnx_and_executorch(name, integer_convs, tmp_path):
+    x, y, x_test, y_test = digits_images(32)
+    torch.manual_seed(0)
+    qat = sq.prepare_qat_fx(build_classifier(name, num_classes=10).train(), sq.get_statqat_qconfig("int8", "int8"), (x[:64],))
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9)
+    for i in range(100):
+        j = (i * 64) % (len(x) - 64)
+        loss = torch.nn.functional.cross_entropy(qat(x[j : j + 64]), y[j : j + 64])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    converted = sq.convert(qat)
+    with torch.no_grad():
+        assert float((converted(x_test).argmax(1) == y_test).float().mean()) > 0.8
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the end-to-end figure, reported
+        report = onnx_backend.export(converted, (x_test[:64],), tmp_path / "model.onnx")
+    assert report.layers and all(layer.within_ties for layer in report.layers)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(report.path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") >= integer_convs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = executorch.export(converted, (x_test[:1],), tmp_path / "model.pte")
+    assert program.gemms["int8_gemms"] >= integer_convs
+    assert all(layer.within_ties for layer in program.layers)
