@@ -11,7 +11,7 @@ accumulator), and does so only when:
   when the bias values are exactly ``codes * s_x s_w`` in float32, which holds for a model
   trained with int32 biases (:mod:`statqat_ao.passes.bias_quant`); any other bias is left
   as it is, so the rewrite never changes a value;
-* nothing but the Q follows the Conv: ``Conv -> Relu [-> MaxPool / Reshape ...] -> Q``
+* nothing but the Q follows the Conv: ``Conv -> Relu / Clip [-> MaxPool / Reshape ...] -> Q``
   becomes ``Conv -> Q -> DQ -> Relu ... -> Q`` with that Q's scale and zero point, which is
   exact (each op commutes with a monotonic per-tensor quantize:
   ``Q(relu(v)) = max(Q(v), zp) = Q(relu(DQ(Q(v))))``, and max-pooling and reshapes pick or
@@ -150,9 +150,10 @@ def _exact_codes(bias: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
     return codes if exact else None
 
 
-# Ops after which a per-tensor quantize gives the same codes as before them (monotonic,
-# value-preserving): Q(op(v)) = op(Q(v)) in code space.
-_COMMUTING = ("Relu", "MaxPool", "Reshape", "Flatten")
+# Ops a per-tensor quantize commutes with, in code space. Q is monotonic and Q(DQ(c)) = c, so
+# Q(clip(u, a, b)) = clip(Q(u), Q(a), Q(b)) = Q(clip(DQ(Q(u)), a, b)) (Relu: a = 0, Clip:
+# ReLU6), and max-pooling and reshapes pick or move values.
+_COMMUTING = ("Relu", "Clip", "MaxPool", "Reshape", "Flatten")
 
 
 def _requantize_before_relu(conv, consumers, add) -> list[onnx.NodeProto]:

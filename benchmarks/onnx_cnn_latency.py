@@ -55,6 +55,12 @@ def trained(name: str, steps: int, size: int):
     return model.eval(), sq.convert(qat), x_test, y_test
 
 
+def _kib(path: Path) -> float:
+    """The file and its external data (torch.onnx.export writes fp32 weights beside it)."""
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1024
+
+
 def optimized_ops(path: Path, threads: int) -> Counter:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -107,7 +113,7 @@ def main() -> None:
             for kind, path, op, t in zip(("fp32", "W8A8"), (fp32, w8a8), ops, times, strict=True):
                 convs = op["QLinearConv"], op["Conv"] + op["FusedConv"]
                 rows.append(
-                    f"| {name} | {kind} | {path.stat().st_size / 1024:.0f} | {convs[0]} / {convs[1]} | "
+                    f"| {name} | {kind} | {_kib(path):.0f} | {convs[0]} / {convs[1]} | "
                     f"{1e3 * t:.3f} | {t / times[0]:.2f}x | "
                     + (f"acc {accuracy:.3f}; end to end {report.max_error:.3g}; {flipped} of {total} codes at ties |"
                        if kind == "W8A8" else " |")  # fmt: skip

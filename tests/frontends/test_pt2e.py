@@ -343,20 +343,26 @@ class InvertedResidualNet(nn.Module):
         return self.fc((y + self.bn3(self.pw2(z))).flatten(1))
 
 
-@pytest.mark.slow  # 24 s (torch.export of the prepared model, three times): make test-slow
-def test_set_qat_mode_makes_a_conv_bn_model_deploy_what_it_computes_in_eval(digits):
-    """torchao's move_exported_model_to_eval leaves the quantizers updating (two eval runs
-    differed by 10% of the peak, and so did both converts); set_qat_mode freezes them."""
+def _trained_inverted_residual(digits, steps: int):
+    """The issue's repro, PT2E-prepared at batch 32 and trained ``steps`` SGD steps: ``(prepared, images)``."""
     x, y = digits
     images = x.reshape(-1, 1, 8, 8)
     torch.manual_seed(0)
     prepared = prepare_qat_pt2e(torch.export.export(InvertedResidualNet().train(), (images[:32],)).module(), StatQATQuantizer())
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
-    for i in range(10):
+    for i in range(steps):
         loss = F.cross_entropy(prepared(images[32 * i : 32 * (i + 1)]), y[32 * i : 32 * (i + 1)])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return prepared, images
+
+
+@pytest.mark.slow  # 24 s (torch.export of the prepared model, three times): make test-slow
+def test_set_qat_mode_makes_a_conv_bn_model_deploy_what_it_computes_in_eval(digits):
+    """torchao's move_exported_model_to_eval leaves the quantizers updating (two eval runs
+    differed by 10% of the peak, and so did both converts); set_qat_mode freezes them."""
+    prepared, images = _trained_inverted_residual(digits, steps=10)
     sq.set_qat_mode(prepared, training=False)
     test = images[-32:]  # the exported batch size
     with torch.no_grad():
@@ -369,16 +375,7 @@ def test_set_qat_mode_makes_a_conv_bn_model_deploy_what_it_computes_in_eval(digi
 def test_torchaos_own_eval_switch_freezes_the_quantizers(digits):
     """move_exported_model_to_eval never reaches our modules; they follow its flag on the root.
     Before: two eval runs of this conv-bn network differed, and so did sq.convert."""
-    x, y = digits
-    images = x.reshape(-1, 1, 8, 8)
-    torch.manual_seed(0)
-    prepared = prepare_qat_pt2e(torch.export.export(InvertedResidualNet().train(), (images[:32],)).module(), StatQATQuantizer())
-    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
-    for i in range(3):
-        loss = F.cross_entropy(prepared(images[32 * i : 32 * (i + 1)]), y[32 * i : 32 * (i + 1)])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    prepared, images = _trained_inverted_residual(digits, steps=3)
     move_exported_model_to_eval(prepared)
     fqs = [m for m in prepared.modules() if isinstance(m, StatQATPT2EFakeQuantize)]
     frozen = [m.scale.clone() for m in fqs]

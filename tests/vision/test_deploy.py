@@ -21,7 +21,7 @@ from statqat_ao.models.vision import NOT_INSTALLED, build_classifier, digits_ima
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(import_vision()[0] is None, reason=NOT_INSTALLED)]
 
 
-@pytest.mark.parametrize("name, integer_convs", [("torchvision:resnet18", 19), ("torchvision:mobilenet_v2", 40)])
+@pytest.mark.parametrize("name, integer_convs", [("torchvision:resnet18", 19), ("torchvision:mobilenet_v2", 46)])
 def test_a_trained_w8a8_cnn_exports_to_onnx_and_executorch(name, integer_convs, tmp_path):
     x, y, x_test, y_test = digits_images(32)
     torch.manual_seed(0)
