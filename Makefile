@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/minilm_qat.py
 	$(PY) benchmarks/llm_qat_step.py
 	$(PY) benchmarks/llm_qat.py --out llm_qat.json
+	$(PY) benchmarks/vision_zoo.py --compile --out vision_zoo.json
+	$(PY) benchmarks/vision_compile.py --out vision_compile.json
+	$(PY) benchmarks/onnx_cnn_latency.py
 
 demo: $(STAMP)
 	$(VENV)/bin/statqat demo
