@@ -166,6 +166,7 @@ def test_bfloat16_model_converts_exactly():
     assert same_bits(converted(x), qat.eval()(x))
 
 
+@pytest.mark.slow  # suite budget: mobilenet_v3_small in tests/vision/test_zoo.py is the fast deep graph
 def test_a_deep_network_converts_without_hitting_the_recursion_limit():
     """Before: is_constant walked an activation's inputs recursively back to the graph input,
     and a deep network (mobilenet_v3_small, convnext_tiny) raised RecursionError in convert."""

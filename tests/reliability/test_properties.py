@@ -135,7 +135,7 @@ def compiled_fake_quantize():
     return torch.compile(sq.fake_quantize, fullgraph=True, dynamic=True)
 
 
-@settings(max_examples=8, deadline=None)  # each example compiles: 8 keeps the suite in budget
+@settings(max_examples=4, deadline=None)  # each example compiles: 4 keeps the suite in budget
 @given(cases(COMPILED_FORMATS))
 def test_compiled_fake_quantize_equals_eager_bit_for_bit(compiled_fake_quantize, case):
     fmt, granularity, x, symmetric = case

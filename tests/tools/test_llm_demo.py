@@ -20,6 +20,7 @@ def demo_run(tmp_path_factory):
     return code, out
 
 
+@pytest.mark.slow  # suite budget (16 s): the demo's run is tests/tools/test_llm_qat.py's helper, tested there fast
 def test_quick_demo_writes_the_table_figures_and_deployment(demo_run, capsys):
     code, out = demo_run
     assert code == 0
