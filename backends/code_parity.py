@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,8 @@ from torch import fx
 
 from statqat_ao.numerics.codes import quantize
 from statqat_ao.numerics.formats import get_format
+
+from .parity import ParityError, check_parity, flat_tensors
 
 TIE_WINDOW = 2.0**-7  # steps around a rounding boundary where float32 order may decide the code
 INTEGER_TIE_WINDOW = 2.0**-5  # with int32 bias rounding and fixed-point requantization (XNNPACK)
@@ -144,10 +147,6 @@ def accept_layers(backend: str, layers: list[LayerCodes], fed_outputs, runtime_o
     """Raise ParityError unless every layer is within its ties and the model fed the runtime's
     codes reproduces the runtime's outputs; warn when the end-to-end difference exceeds
     ``tolerance``. Returns the end-to-end error."""
-    import warnings
-
-    from .parity import ParityError, check_parity, flat_tensors
-
     wrong = [layer for layer in layers if not layer.within_ties]
     if wrong:
         raise ParityError(

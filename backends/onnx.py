@@ -204,27 +204,21 @@ def verify(path: str | Path, model: fx.GraphModule, example_inputs: Sequence | t
 
 def _verify(path, model, inputs: tuple, tolerance: float | None) -> tuple[float, list]:
     backend = f"{BACKEND} ({Path(path).name})"
+    by_layer = tolerance is None and isinstance(model, fx.GraphModule) and code_parity.checkable(model)
+    recorder = code_parity.CodeRecorder(model) if by_layer else None  # the reference run records the codes' shapes
     with torch.no_grad():
-        reference = flat_tensors(model(*inputs))
+        reference = flat_tensors(recorder.run(*inputs) if by_layer else model(*inputs))
     raw = run_artifact(path, inputs)
     lowered = [torch.from_numpy(np.asarray(o)) for o in raw]
-    codes = None
-    if tolerance is None and isinstance(model, fx.GraphModule) and code_parity.checkable(model):
-        codes = runtime_codes(path, inputs, raw)
-        if codes is not None and [tuple(c.shape) for c in codes] != _quantizer_shapes(model, inputs):
-            codes = None  # the file's quantizers do not line up with the model's: check end to end
+    codes = runtime_codes(path, inputs, raw) if by_layer else None
+    if codes is not None and [tuple(c.shape) for c in codes] != [tuple(v.shape) for v, _, _ in recorder.records]:
+        codes = None  # the file's quantizers do not line up with the model's: check end to end
     if codes is None:
         tolerance = default_tolerance(model) if tolerance is None else tolerance
         return check_parity(reference, lowered, backend=backend, tolerance=tolerance), []
     layers, fed = code_parity.check_layer_codes(model, inputs, codes)
     return code_parity.accept_layers(backend, layers, fed, lowered, reference, default_tolerance(model)), layers
 
-
-def _quantizer_shapes(model: fx.GraphModule, inputs: tuple) -> list[tuple[int, ...]]:
-    recorder = code_parity.CodeRecorder(model)
-    with torch.no_grad():
-        recorder.run(*inputs)
-    return [tuple(values.shape) for values, _, _ in recorder.records]
 
 
 def ort_session(path: str | Path | bytes, *, optimization_level: str = "all", threads: int | None = None):

@@ -21,19 +21,19 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from .onnx_integer import BEFORE_RELU
+from .onnx_integer import REQUANTIZED
 
 
 def quantize_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The QuantizeLinear nodes of the model's quantizers, in order (not the copies
-    :mod:`.onnx_integer` puts before a Relu)."""
-    return [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and not n.name.endswith(BEFORE_RELU)]
+    :mod:`.onnx_integer` puts right after a Conv)."""
+    return [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and not n.name.endswith(REQUANTIZED)]
 
 
-def _zero_point(proto: onnx.ModelProto, node: onnx.NodeProto) -> tuple[int, int]:
+def _zero_point(initializers: dict[str, onnx.TensorProto], node: onnx.NodeProto) -> tuple[int, int]:
     """``(zero point, element type)`` of a per-tensor QuantizeLinear."""
     if len(node.input) > 2 and node.input[2]:
-        init = next(t for t in proto.graph.initializer if t.name == node.input[2])
+        init = initializers[node.input[2]]
         return int(numpy_helper.to_array(init).reshape(-1)[0]), init.data_type
     to = next((a.i for a in node.attribute if a.name == "output_dtype"), onnx.TensorProto.UINT8)
     return 0, to
@@ -56,8 +56,9 @@ def runtime_codes(path: str | Path, inputs: tuple, outputs: list[np.ndarray] | N
         return None  # run by onnx.reference, not onnxruntime
     zero_points = []
     original = len(proto.graph.output)
+    initializers = {t.name: t for t in proto.graph.initializer}
     for node in nodes:
-        zp, elem_type = _zero_point(proto, node)
+        zp, elem_type = _zero_point(initializers, node)
         if elem_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             return None  # onnxruntime hands 4-bit outputs back packed, unreadable by numpy
         zero_points.append(zp)

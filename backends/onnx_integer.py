@@ -19,7 +19,7 @@ accumulator), and does so only when:
 * activation codes are uint8: int8 codes with zero point 0 become uint8 with zero point
   128, the same values (reading intermediate int8 codes broke most fusions; uint8 none).
 
-The Q nodes added after a Conv are named ``*_before_relu`` (the per-layer check skips
+The Q nodes added after a Conv are named ``*_requantized`` (the per-layer check skips
 them: they repeat the quantizer that follows).
 
 Example:
@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-BEFORE_RELU = "_before_relu"
+REQUANTIZED = "_requantized"
 INT32_MAX = 2**31 - 1
 
 
@@ -79,7 +79,7 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
         if add is not None:  # the Conv takes over the Add's output name
             dropped.add(id(add))
             conv.output[0] = add.output[0]
-        after[id(conv)].extend(_requantize_before_relu(conv, consumers, add))
+        after[id(conv)].extend(_requantize_after_conv(conv, consumers, add))
         count += 1
     nodes = []
     for n in graph.node:
@@ -156,7 +156,7 @@ def _exact_codes(bias: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
 _COMMUTING = ("Relu", "Clip", "MaxPool", "Reshape", "Flatten")
 
 
-def _requantize_before_relu(conv, consumers, add) -> list[onnx.NodeProto]:
+def _requantize_after_conv(conv, consumers, add) -> list[onnx.NodeProto]:
     """``Conv -> Relu / MaxPool / Reshape ... -> Q`` gets the Q (and its DQ) right after the Conv."""
     out = conv.output[0]
     node, users = None, consumers[out]
@@ -167,9 +167,9 @@ def _requantize_before_relu(conv, consumers, add) -> list[onnx.NodeProto]:
         return []
     q = users[0]
     first = consumers[out][0]
-    codes, value = f"{out}{BEFORE_RELU}.codes", f"{out}{BEFORE_RELU}.value"
+    codes, value = f"{out}{REQUANTIZED}.codes", f"{out}{REQUANTIZED}.value"
     first.input[list(first.input).index(out)] = value
     return [
-        helper.make_node("QuantizeLinear", [out, *q.input[1:]], [codes], name=f"{out}{BEFORE_RELU}"),
-        helper.make_node("DequantizeLinear", [codes, *q.input[1:]], [value], name=f"{out}{BEFORE_RELU}_dq"),
+        helper.make_node("QuantizeLinear", [out, *q.input[1:]], [codes], name=f"{out}{REQUANTIZED}"),
+        helper.make_node("DequantizeLinear", [codes, *q.input[1:]], [value], name=f"{out}{REQUANTIZED}_dq"),
     ]

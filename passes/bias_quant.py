@@ -77,13 +77,9 @@ def quantize_bias(bias: torch.Tensor, scale: torch.Tensor | None) -> torch.Tenso
     """
     if scale is None:
         return bias
-    shape = [1] * bias.dim()
-    if bias.dim() > 1 and scale.numel() > 1:
-        shape[1] = -1  # [1, C, 1, 1]: channels on dim 1
-    else:
-        shape[-1] = -1
-    s = scale.reshape(shape) if scale.numel() > 1 else scale.reshape(())
-    rounded = torch.round(bias / s) * s
+    if bias.dim() > 1 and scale.numel() > 1:  # [1, C, 1, 1]: channels on dim 1
+        scale = scale.reshape(1, -1, *([1] * (bias.dim() - 2)))
+    rounded = torch.round(bias / scale) * scale
     return bias + (rounded - bias).detach()
 
 

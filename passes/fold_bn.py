@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .bias_quant import quantize_bias
+
 
 def fold_scale(weight: torch.Tensor, running_var: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``weight * gamma / sqrt(running_var + eps)`` per output channel, with a zero ``gamma`` taken as 1.
@@ -90,10 +92,7 @@ class FoldedBatchNorm(nn.Module):
 
     def deployed_bias(self, conv_bias: torch.Tensor | None, bias_scale: torch.Tensor | None) -> torch.Tensor:
         """:meth:`folded_bias_broadcast`, on the int32 grid ``bias_scale`` where one is given."""
-        from .bias_quant import quantize_bias
-
-        bias = self.folded_bias_broadcast(conv_bias)
-        return bias if bias_scale is None else quantize_bias(bias, bias_scale)
+        return quantize_bias(self.folded_bias_broadcast(conv_bias), bias_scale)
 
     def forward(self, y: torch.Tensor, conv_bias: torch.Tensor | None = None,
                 bias_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip

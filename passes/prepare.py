@@ -111,7 +111,8 @@ class _Inserter:
         if bias is None and folded is None:
             return
         grid = BiasGrid(self.gm.get_submodule(x.target), self.gm.get_submodule(w.target))
-        target = _register(self.gm, f"{w.target.rpartition('.')[0]}.bias_grid" if "." in w.target else "bias_grid", grid)
+        owner = w.target.rpartition(".")[0]
+        target = _register(self.gm, f"{owner}.bias_grid" if owner else "bias_grid", grid)
         with graph.inserting_before(node):
             scale = graph.call_module(target, ())
             if bias is not None and folded is None:

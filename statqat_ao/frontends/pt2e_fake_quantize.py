@@ -17,6 +17,9 @@ from functools import cache
 
 import torch
 from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
+from torchao.quantization.pt2e.export_utils import (
+    _EXPORTED_TRAINING_ATTR,  # what torchao's switches set
+)
 from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
 from statqat_ao.estimators import online_methods
@@ -93,7 +96,7 @@ class StatQATPT2EFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantiz
         owner = None if graph is None else graph._owning_module  # the attribute: dynamo skips fx's properties
         if not own or owner is None:
             return own
-        return bool(getattr(owner, "_exported_training", True))
+        return bool(getattr(owner, _EXPORTED_TRAINING_ATTR, True))
 
     @training.setter
     def training(self, mode: bool) -> None:
