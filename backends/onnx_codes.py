@@ -21,13 +21,22 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from .onnx_integer import REQUANTIZED
+from .onnx_code_space import REQUANTIZED, moved_codes
 
 
-def quantize_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The QuantizeLinear nodes of the model's quantizers, in order (not the copies
-    :mod:`.onnx_integer` puts right after a Conv)."""
-    return [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and not n.name.endswith(REQUANTIZED)]
+def quantize_nodes(proto: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto]]:
+    """``(codes tensor, QuantizeLinear)`` of each of the model's quantizers, in the order the
+    graph computes the codes: a quantizer :mod:`.onnx_code_space` moved up to its Conv has
+    its codes where its Q was (its ``*_requantized`` Q is then the one named in the file's
+    metadata); the other ``*_requantized`` copies are skipped."""
+    moved = moved_codes(proto)
+    by_name = {n.name: n for n in proto.graph.node}
+    found = []
+    for n in proto.graph.node:
+        if n.op_type == "QuantizeLinear" and not n.name.endswith(REQUANTIZED):
+            found.append((n.output[0], n))
+        found.extend((o, by_name[moved[o]]) for o in n.output if o in moved)
+    return found
 
 
 def _zero_point(initializers: dict[str, onnx.TensorProto], node: onnx.NodeProto) -> tuple[int, int]:
@@ -57,12 +66,12 @@ def runtime_codes(path: str | Path, inputs: tuple, outputs: list[np.ndarray] | N
     zero_points = []
     original = len(proto.graph.output)
     initializers = {t.name: t for t in proto.graph.initializer}
-    for node in nodes:
+    for codes, node in nodes:
         zp, elem_type = _zero_point(initializers, node)
         if elem_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             return None  # onnxruntime hands 4-bit outputs back packed, unreadable by numpy
         zero_points.append(zp)
-        proto.graph.output.append(helper.make_tensor_value_info(node.output[0], elem_type, None))
+        proto.graph.output.append(helper.make_tensor_value_info(codes, elem_type, None))
     session = ort_session(proto.SerializeToString())
     results = session.run(None, _feeds([i.name for i in session.get_inputs()], inputs))
     plain = run_artifact(path, inputs) if outputs is None else outputs

@@ -11,16 +11,11 @@ accumulator), and does so only when:
   when the bias values are exactly ``codes * s_x s_w`` in float32, which holds for a model
   trained with int32 biases (:mod:`statqat_ao.passes.bias_quant`); any other bias is left
   as it is, so the rewrite never changes a value;
-* nothing but the Q follows the Conv: ``Conv -> Relu / Clip [-> MaxPool / Reshape ...] -> Q``
-  becomes ``Conv -> Q -> DQ -> Relu ... -> Q`` with that Q's scale and zero point, which is
-  exact (each op commutes with a monotonic per-tensor quantize:
-  ``Q(relu(v)) = max(Q(v), zp) = Q(relu(DQ(Q(v))))``, and max-pooling and reshapes pick or
-  move codes);
+* the Q is the Conv's single consumer: :mod:`.onnx_code_space` moves the quantize up to the
+  Conv (the Relu / Clip / MaxPool / reshapes between them then run on codes) and repeats a
+  Conv whose output several quantizers read;
 * activation codes are uint8: int8 codes with zero point 0 become uint8 with zero point
   128, the same values (reading intermediate int8 codes broke most fusions; uint8 none).
-
-The Q nodes added after a Conv are named ``*_requantized`` (the per-layer check skips
-them: they repeat the quantizer that follows).
 
 Example:
     >>> proto = onnx.load("model.onnx")  # doctest: +SKIP
@@ -36,7 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-REQUANTIZED = "_requantized"
+from .onnx_code_space import Edits, apply, requantize_at_conv
+
 INT32_MAX = 2**31 - 1
 
 
@@ -50,9 +46,7 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
     for n in graph.node:
         for i in n.input:
             consumers[i].append(n)
-    before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
-    after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
-    dropped: set[int] = set()
+    edits = Edits()
     count = 0
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
         scale = _bias_scale(conv, producers, arrays)
@@ -65,35 +59,23 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
         if codes is None:
             continue
         prefix = f"{conv.output[0]}_bias"
-        graph.initializer.extend([
+        edits.initializers.extend([
             numpy_helper.from_array(codes, f"{prefix}.codes"),
             numpy_helper.from_array(scale, f"{prefix}.scale"),
             numpy_helper.from_array(np.zeros_like(codes), f"{prefix}.zero_point"),
         ])  # fmt: skip
         dq = helper.make_node("DequantizeLinear", [f"{prefix}.codes", f"{prefix}.scale", f"{prefix}.zero_point"],
                               [f"{prefix}.value"], name=f"{prefix}_DequantizeLinear", axis=0)  # fmt: skip
-        before[id(conv)].append(dq)
+        edits.insert_before(conv, dq)
         inputs = list(conv.input[:2]) + [dq.output[0]]
         del conv.input[:]
         conv.input.extend(inputs)
         if add is not None:  # the Conv takes over the Add's output name
-            dropped.add(id(add))
+            edits.replace[id(add)] = None
             conv.output[0] = add.output[0]
-        after[id(conv)].extend(_requantize_after_conv(conv, consumers, add))
+        requantize_at_conv(conv, consumers, arrays, edits)
         count += 1
-    nodes = []
-    for n in graph.node:
-        if id(n) in dropped:
-            continue
-        nodes.extend(before.get(id(n), []))
-        nodes.append(n)
-        nodes.extend(after.get(id(n), []))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]  # the float biases the Convs no longer read
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    apply(model, edits)
     return count
 
 
@@ -148,28 +130,3 @@ def _exact_codes(bias: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
     codes = codes.astype(np.int32)
     exact = np.array_equal((codes.astype(np.float32) * scale).astype(np.float32), bias.astype(np.float32))
     return codes if exact else None
-
-
-# Ops a per-tensor quantize commutes with, in code space. Q is monotonic and Q(DQ(c)) = c, so
-# Q(clip(u, a, b)) = clip(Q(u), Q(a), Q(b)) = Q(clip(DQ(Q(u)), a, b)) (Relu: a = 0, Clip:
-# ReLU6), and max-pooling and reshapes pick or move values.
-_COMMUTING = ("Relu", "Clip", "MaxPool", "Reshape", "Flatten")
-
-
-def _requantize_after_conv(conv, consumers, add) -> list[onnx.NodeProto]:
-    """``Conv -> Relu / MaxPool / Reshape ... -> Q`` gets the Q (and its DQ) right after the Conv."""
-    out = conv.output[0]
-    node, users = None, consumers[out]
-    while len(users) == 1 and users[0].op_type in _COMMUTING:
-        node = users[0]
-        users = consumers[node.output[0]]
-    if node is None or len(users) != 1 or users[0].op_type != "QuantizeLinear":
-        return []
-    q = users[0]
-    first = consumers[out][0]
-    codes, value = f"{out}{REQUANTIZED}.codes", f"{out}{REQUANTIZED}.value"
-    first.input[list(first.input).index(out)] = value
-    return [
-        helper.make_node("QuantizeLinear", [out, *q.input[1:]], [codes], name=f"{out}{REQUANTIZED}"),
-        helper.make_node("DequantizeLinear", [codes, *q.input[1:]], [value], name=f"{out}{REQUANTIZED}_dq"),
-    ]
