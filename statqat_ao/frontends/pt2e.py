@@ -290,13 +290,17 @@ class StatQATQuantizer(Quantizer):
     def _edge_spec(
         self, arg: Node, node: Node, spec: QuantSpec, is_activation: bool
     ) -> QuantizationSpecBase:
-        """One fake quantize per (tensor, spec): later consumers share the first one's."""
+        """One fake quantize per (tensor, spec) among the ops torchao leaves in place: later
+        consumers share the first one's. A conv or linear input gets its own: torchao's
+        conv-bn QAT fusion replaces those nodes after annotation and may reorder them, and a
+        shared spec must point at an edge prepare has already visited."""
         _check_shape(spec, arg, node, "weight" if not is_activation else "input activation")
+        if not is_activation or node.target in _WEIGHTED:
+            return quantization_spec(spec, is_activation, observer=not self.is_qat)
         key = (arg, spec)
-        if is_activation and key in self._first_edge:
+        if key in self._first_edge:
             return SharedQuantizationSpec(self._first_edge[key])
-        if is_activation:
-            self._first_edge[key] = (arg, node)
+        self._first_edge[key] = (arg, node)
         return quantization_spec(spec, is_activation, observer=not self.is_qat)
 
     def _annotate_weighted(self, node: Node, specs: ModuleQConfig) -> dict:

@@ -389,3 +389,36 @@ def test_torchaos_own_eval_switch_freezes_the_quantizers(digits):
     move_exported_model_to_train(prepared)
     prepared(images[:32] * 3)
     assert any(not torch.equal(m.scale, s) for m, s in zip(fqs, frozen, strict=True))
+
+
+class ProjectedResidual(nn.Module):
+    """RegNet's shape: the stem's output feeds a conv-bn shortcut and a conv-bn-relu branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.proj = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.f = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                               nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))  # fmt: skip
+        self.fc = nn.Linear(16 * 64, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(torch.relu(self.proj(x) + self.f(x)).flatten(1))
+
+
+def test_a_tensor_read_by_two_fused_conv_bn_layers_prepares_and_deploys(digits):
+    """torchao's conv-bn fusion reorders the two convs that read the stem's output; a spec
+    shared from one conv's input edge to the other's failed prepare (AssertionError on
+    torchvision's regnet_y_400mf). Each conv input now has its own fake quantize."""
+    x, y = digits
+    images = x.reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    prepared = prepare_qat_pt2e(torch.export.export(ProjectedResidual().train(), (images[:BATCH],)).module(), StatQATQuantizer())
+    train(prepared, images, y, steps=3)
+    move_exported_model_to_eval(prepared)
+    test = images[-BATCH:]
+    with torch.no_grad():
+        reference = prepared(test)
+        assert torch.isfinite(reference).all()
+        assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
