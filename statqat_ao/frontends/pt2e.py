@@ -57,6 +57,7 @@ from statqat_ao.numerics.formats import get_format
 from statqat_ao.quantizers.fake_quantizer import FakeQuantizer
 
 from .pt2e_fake_quantize import StatQATPT2EFakeQuantize, StatQATPT2EObserver, quantization_spec
+from .pt2e_stochastic_depth import TrainOnlyBernoulli, train_only_masks
 from .qconfig import ModuleQConfig, QuantSpec, StatQATQConfig
 
 aten = torch.ops.aten
@@ -268,6 +269,13 @@ class StatQATQuantizer(Quantizer):
                 )
         return model
 
+    def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        """Stochastic depth / drop path masks exported in training mode become
+        :class:`~statqat_ao.frontends.pt2e_stochastic_depth.TrainOnlyBernoulli` modules,
+        drawn in training only (torchao's eval switch leaves them random otherwise)."""
+        train_only_masks(model)
+        return model
+
     def validate(self, model: GraphModule) -> None:
         """Nothing to check beyond :meth:`annotate`."""
 
@@ -275,7 +283,11 @@ class StatQATQuantizer(Quantizer):
         self, model: GraphModule, edge_or_node_to_obs_or_fq: dict
     ) -> None:
         """Tell each shared fake-quantize module how many tensors it quantizes per forward, and
-        link each to the graph, whose owner torchao's ``move_exported_model_to_eval`` switches."""
+        link each (and the stochastic-depth masks) to the graph, whose owner torchao's
+        ``move_exported_model_to_eval`` switches."""
+        for module in model.modules():
+            if isinstance(module, TrainOnlyBernoulli):
+                module.link_to_graph(model.graph)
         tensors: dict[int, tuple[StatQATPT2EFakeQuantize, set[Node]]] = {}
         for edge_or_node, fq in edge_or_node_to_obs_or_fq.items():
             if isinstance(fq, StatQATPT2EFakeQuantize):

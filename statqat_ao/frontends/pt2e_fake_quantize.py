@@ -17,9 +17,6 @@ from functools import cache
 
 import torch
 from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
-from torchao.quantization.pt2e.export_utils import (
-    _EXPORTED_TRAINING_ATTR,  # what torchao's switches set
-)
 from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
 from statqat_ao.estimators import online_methods
@@ -28,13 +25,14 @@ from statqat_ao.numerics.formats import Format
 from statqat_ao.quantizers.fake_quant import fake_quantize
 from statqat_ao.quantizers.fake_quantizer import FakeQuantizer
 
+from .exported_mode import FollowsExportedMode
 from .qconfig import QuantSpec
 from .torch_ao import _ObserveOnlyMixin, _TorchAOQuantizerMixin
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
 
-class StatQATPT2EFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantizeBase):
+class StatQATPT2EFakeQuantize(FollowsExportedMode, _TorchAOQuantizerMixin, FakeQuantizer, FakeQuantizeBase):
     """A torchao PT2E fake-quantize module with a StatQAT scale.
 
     Args:
@@ -83,28 +81,6 @@ class StatQATPT2EFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantiz
         self._call = 0
         self._observing = False
         self._pending: list[torch.Tensor] = []
-
-    # torchao's move_exported_model_to_eval / _train switch an exported model by rewriting
-    # its dropout and batch-norm nodes and setting the root's `_exported_training`; they never
-    # reach these modules. StatQATQuantizer links each module to the prepared graph
-    # (link_to_graph), and `training` reads the graph owner's flag too, so those helpers
-    # freeze and unfreeze the scales as they do batch norm.
-    @property
-    def training(self) -> bool:  # type: ignore[override]
-        own = self.__dict__.get("_own_training", True)
-        graph = self.__dict__.get("_exported_graph")
-        owner = None if graph is None else graph._owning_module  # the attribute: dynamo skips fx's properties
-        if not own or owner is None:
-            return own
-        return bool(getattr(owner, _EXPORTED_TRAINING_ATTR, True))
-
-    @training.setter
-    def training(self, mode: bool) -> None:
-        self.__dict__["_own_training"] = mode
-
-    def link_to_graph(self, graph: torch.fx.Graph) -> None:
-        """Follow ``graph``'s owning module's exported train / eval flag (see :attr:`training`)."""
-        self.__dict__["_exported_graph"] = graph
 
     def _check_spec(self, dtype, quant_min, quant_max, qscheme, ch_axis, is_dynamic) -> None:
         where = f"StatQATPT2EFakeQuantize({self.extra_repr()})"
