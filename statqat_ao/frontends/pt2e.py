@@ -285,6 +285,7 @@ class StatQATQuantizer(Quantizer):
         """Tell each shared fake-quantize module how many tensors it quantizes per forward, and
         link each (and the stochastic-depth masks) to the graph, whose owner torchao's
         ``move_exported_model_to_eval`` switches."""
+        _refuse_zero_batch_norm_weights(model)
         for module in model.modules():
             if isinstance(module, TrainOnlyBernoulli):
                 module.link_to_graph(model.graph)
@@ -367,6 +368,30 @@ _ANNOTATORS: dict[Any, Callable[[StatQATQuantizer, Node, ModuleQConfig], dict]] 
     **dict.fromkeys(_ADD, StatQATQuantizer._annotate_add),
     **dict.fromkeys(_CAT, StatQATQuantizer._annotate_cat),
 }
+
+
+def _refuse_zero_batch_norm_weights(model: GraphModule) -> None:
+    """torchao's conv-bn QAT fusion computes ``conv(x, w * g / std) / (g / std)``: 0 / 0 for a
+    batch-norm weight ``g`` of 0 (timm's ``zero_init_last``, torchvision's
+    ``zero_init_residual``), NaN from the first training step. Refuse before it runs."""
+    for node in model.graph.nodes:
+        if node.target != aten.div.Tensor or len(node.args) < 2:
+            continue
+        gamma, std = node.args[:2]
+        if not (isinstance(gamma, Node) and gamma.op == "get_attr" and isinstance(std, Node) and std.target == aten.sqrt.default):
+            continue
+        try:
+            weight = model.get_parameter(gamma.target)
+        except AttributeError:  # a buffer: not a trained batch-norm weight
+            continue
+        zeros = int((weight == 0).sum())
+        if zeros:
+            raise ValueError(
+                f"batch norm weight {gamma.target!r} is 0 in {zeros} of {weight.numel()} channels (timm's zero_init_last, "
+                "torchvision's zero_init_residual): torchao's conv-bn QAT fusion divides the conv output by it, "
+                "0/0 = NaN at the first training step. Prepare with sq.prepare_qat_fx (its fold takes a zero weight "
+                "exactly), or build the model without zero-initialised batch norms (timm: zero_init_last=False)."
+            )
 
 
 def _check_shape(spec: QuantSpec, arg: Node, node: Node, what: str) -> None:

@@ -422,3 +422,12 @@ def test_a_tensor_read_by_two_fused_conv_bn_layers_prepares_and_deploys(digits):
         reference = prepared(test)
         assert torch.isfinite(reference).all()
         assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
+
+
+def test_a_zero_batch_norm_weight_is_refused_before_torchaos_fusion_divides_by_it():
+    """timm's zero_init_last: torchao's conv-bn QAT fusion gave NaN at the first step."""
+    model = ProjectedResidual().train()
+    nn.init.zeros_(model.f[4].weight)
+    exported = torch.export.export(model, (torch.randn(4, 1, 8, 8),)).module()
+    with pytest.raises(ValueError, match=r"'f\.4\.weight' is 0 in 16 of 16 channels.*sq\.prepare_qat_fx"):
+        prepare_qat_pt2e(exported, StatQATQuantizer())
