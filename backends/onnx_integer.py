@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .onnx_code_space import Edits, apply, requantize_at_conv
+from .onnx_pointwise import integer_matmul, is_pointwise
 
 INT32_MAX = 2**31 - 1
 
@@ -73,7 +74,13 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
         if add is not None:  # the Conv takes over the Add's output name
             edits.replace[id(add)] = None
             conv.output[0] = add.output[0]
-        requantize_at_conv(conv, consumers, arrays, edits)
+        x_dq, w_dq = producers[inputs[0]], producers[inputs[1]]
+        if not requantize_at_conv(conv, consumers, arrays, edits) and is_pointwise(conv, arrays[w_dq.input[0]]):
+            edits.before.pop(id(conv))  # the int32 bias: the matmul adds the float one after its scale
+            integer_matmul(conv, x_dq, w_dq, bias_name, arrays, edits)
+            for dq in (x_dq, w_dq):
+                if len(consumers[dq.output[0]]) == 1:
+                    edits.replace[id(dq)] = None
         count += 1
     apply(model, edits)
     return count

@@ -196,11 +196,11 @@ def test_w8a8_convolutions_run_as_qlinearconv(exported, tmp_path):
 
 
 def _conv_with_bias_add(bias: np.ndarray) -> onnx.ModelProto:
-    """DQ(x uint8) and DQ(w int8, per channel) -> Conv -> Add(bias [1, 2, 1, 1]) -> Q."""
+    """DQ(x uint8) and DQ(w int8, per channel) -> Conv (2x2: not the 1x1 onnx_pointwise rewrites) -> Add(bias [1, 2, 1, 1])."""
     h = onnx.helper
     inits = [
         numpy_helper.from_array(np.float32(0.5), "sx"), numpy_helper.from_array(np.uint8(128), "zx"),
-        numpy_helper.from_array(np.ones((2, 1, 1, 1), np.int8), "w"), numpy_helper.from_array(np.float32([0.25, 0.125]), "sw"),
+        numpy_helper.from_array(np.ones((2, 1, 2, 2), np.int8), "w"), numpy_helper.from_array(np.float32([0.25, 0.125]), "sw"),
         numpy_helper.from_array(np.zeros(2, np.int8), "zw"), numpy_helper.from_array(bias.reshape(1, 2, 1, 1), "b"),
     ]  # fmt: skip
     nodes = [

@@ -1,0 +1,61 @@
+"""A W8A8 1x1 conv that feeds a float op: an int8 matmul on the codes, the same values."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from statqat_ao.backends.onnx_integer import integer_convolutions
+
+H = helper
+C_IN, C_OUT = 32, 48
+
+
+def _head() -> onnx.ModelProto:
+    """x -> Q/DQ -> 1x1 Conv (int8 w per channel, bias on the int32 grid) -> Clip -> ReduceMean."""
+    rng = np.random.default_rng(0)
+    s_x, s_w = np.float32(0.02), rng.uniform(0.005, 0.02, C_OUT).astype(np.float32)
+    bias = (rng.integers(-2000, 2000, C_OUT) * (s_x * s_w)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(s_x, "sx"), numpy_helper.from_array(np.int8(0), "zx"),
+        numpy_helper.from_array(rng.integers(-127, 128, (C_OUT, C_IN, 1, 1)).astype(np.int8), "w"),
+        numpy_helper.from_array(s_w, "sw"), numpy_helper.from_array(np.zeros(C_OUT, np.int8), "zw"),
+        numpy_helper.from_array(bias.reshape(1, C_OUT, 1, 1), "b"),
+        numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi"),
+        numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+    ]  # fmt: skip
+    nodes = [
+        H.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), H.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        H.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0), H.make_node("Conv", ["xd", "wd"], ["c"]),
+        H.make_node("Add", ["c", "b"], ["cb"]), H.make_node("Clip", ["cb", "lo", "hi"], ["r"]),
+        H.make_node("ReduceMean", ["r", "axes"], ["y"], keepdims=0),
+    ]  # fmt: skip
+    graph = H.make_graph(nodes, "head", [H.make_tensor_value_info("x", TensorProto.FLOAT, [1, C_IN, 3, 3])],
+                         [H.make_tensor_value_info("y", TensorProto.FLOAT, [1, C_OUT])], inits)  # fmt: skip
+    return H.make_model(graph, opset_imports=[H.make_opsetid("", 21)])
+
+
+def test_a_pointwise_conv_without_a_quantizer_runs_as_an_integer_matmul(tmp_path):
+    original, rewritten = _head(), _head()
+    assert integer_convolutions(rewritten) == 1
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert "Conv" not in [n.op_type for n in rewritten.graph.node]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "MatMulInteger" in ops and "Conv" not in ops and "DequantizeLinear" not in ops  # int8 GEMM on the codes
+    reference = ReferenceEvaluator(original)
+    rng = np.random.default_rng(1)
+    for _ in range(8):
+        x = rng.normal(0, 1, (1, C_IN, 3, 3)).astype(np.float32)
+        (expected,) = reference.run(None, {"x": x})
+        (got,) = session.run(None, {"x": x})
+        # The matmul's integer sum is exact; the float conv rounds each of its 32 products and
+        # partial sums (relative 2^-24 each), then the scale and bias round once more: well
+        # under 1e-5 of the largest term sum, which is at most 127 * 127 * 32 steps.
+        bound = 1e-5 * float(np.abs(expected).max())
+        np.testing.assert_allclose(got, expected, rtol=0, atol=bound)
+        assert not np.array_equal(got, np.zeros_like(got))
