@@ -8,7 +8,7 @@ activations per tensor, int32 biases), converted and exported with
 baseline is ``torch.onnx.export`` of the same architecture in fp32 (batch norm included).
 
 For each file: the ops onnxruntime runs after its graph optimizations (how many convs are
-``QLinearConv``, how many stay float), the file size, the test accuracy of the converted
+``QLinearConv`` or, for a 1x1 conv no quantizer reads, ``MatMulInteger``; how many stay float), the file size, the test accuracy of the converted
 model, and the median of ``--runs`` batch-1 calls (interleaved, after warm-up) in a
 default onnxruntime session with ``--threads`` intra-op threads.
 
@@ -111,15 +111,15 @@ def main() -> None:
             flipped = sum(layer.differing for layer in report.layers)
             total = sum(layer.codes for layer in report.layers)
             for kind, path, op, t in zip(("fp32", "W8A8"), (fp32, w8a8), ops, times, strict=True):
-                convs = op["QLinearConv"], op["Conv"] + op["FusedConv"]
+                integer = f"{op['QLinearConv']}" + (f" + {op['MatMulInteger']} MatMulInteger" if op["MatMulInteger"] else "")
                 rows.append(
-                    f"| {name} | {kind} | {_kib(path):.0f} | {convs[0]} / {convs[1]} | "
+                    f"| {name} | {kind} | {_kib(path):.0f} | {integer} / {op['Conv'] + op['FusedConv']} | "
                     f"{1e3 * t:.3f} | {t / times[0]:.2f}x | "
                     + (f"acc {accuracy:.3f}; end to end {report.max_error:.3g}; {flipped} of {total} codes at ties |"
                        if kind == "W8A8" else " |")  # fmt: skip
                 )
             print(rows[-2], rows[-1], sep="\n", flush=True)
-    print("| model | file | KiB | QLinearConv / float convs | batch-1 ms | vs fp32 | W8A8 parity (64 test images) |")
+    print("| model | file | KiB | integer / float convs | batch-1 ms | vs fp32 | W8A8 parity (64 test images) |")
     print("|---|---|---:|---|---:|---:|---|")
     print("\n".join(rows))
 
