@@ -107,6 +107,12 @@ class StatQATFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantizeBas
         (torch.qint8, -8, 7)
     """
 
+    nonfinite_hint = (
+        " Under torch.ao's prepare_qat_fx, a batch norm weight of exactly 0 after a conv (timm's zero_init_last, "
+        "torchvision's zero_init_residual) makes torch.ao's ConvBn2d divide its conv output 0/0 before any quantizer: "
+        "prepare with sq.prepare_qat_fx, whose fold takes a zero weight exactly."
+    )
+
     def __init__(
         self,
         fmt="int8",

@@ -123,6 +123,7 @@ def _message(quantizer: nn.Module, xs: tuple[torch.Tensor, ...], update: int) ->
         "Its scale keeps its previous value. Find where the values come from (a diverging loss, "
         "fp16 overflow, a bad batch), or pass nonfinite='skip' "
         "(statqat_ao.quantizers.nonfinite.set_policy(model, 'skip')) and skip the optimizer step on a non-finite loss."
+        + (getattr(quantizer, "nonfinite_hint", "") if n_nan else "")
     )
 
 

@@ -107,3 +107,17 @@ def test_sq_convert_takes_torch_ao_fused_conv_bn_modules():
     bn = qat.conv1.bn
     scaled = qat.conv1.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
     assert torch.equal(converted.get_submodule("conv1").weight_quant.dequantize(), qat.conv1.weight_fake_quant(scaled))
+
+
+def test_a_zero_batch_norm_weight_under_torch_aos_conv_bn_names_the_cause():
+    """torch.ao's ConvBn2d divides by gamma / running_std: 0/0 for timm's zero_init_last.
+    The NaN is torch's; the error our quantizer raises says where it comes from."""
+    import pytest
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1)).train()
+    torch.nn.init.zeros_(model[1].weight)
+    x = torch.randn(8, 1, 6, 6)
+    qat = prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+    assert "ConvBn2d" in {type(m).__name__ for m in qat.modules()}
+    with pytest.raises(sq.NonFiniteError, match=r"NaN.*ConvBn2d divide its conv output 0/0.*sq\.prepare_qat_fx"):
+        qat(x)
