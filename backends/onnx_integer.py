@@ -17,6 +17,9 @@ accumulator), and does so only when:
 * activation codes are uint8: int8 codes with zero point 0 become uint8 with zero point
   128, the same values (reading intermediate int8 codes broke most fusions; uint8 none).
 
+A Linear (``Gemm``, weights ``[out, in]``) gets its int32 bias the same way, which
+onnxruntime fuses into ``QGemm`` whether a Q follows or not (a classifier's float logits).
+
 Example:
     >>> proto = onnx.load("model.onnx")  # doctest: +SKIP
     >>> integer_convolutions(proto)  # doctest: +SKIP
@@ -38,7 +41,7 @@ INT32_MAX = 2**31 - 1
 
 
 def integer_convolutions(model: onnx.ModelProto) -> int:
-    """Rewrite ``model`` in place as described above; return how many Convs now take an int32 bias."""
+    """Rewrite ``model`` in place as described above; return how many Convs and Gemms now take an int32 bias."""
     graph = model.graph
     arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     _unsigned_activations(graph, arrays)
@@ -49,7 +52,7 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
             consumers[i].append(n)
     edits = Edits()
     count = 0
-    for conv in [n for n in graph.node if n.op_type == "Conv"]:
+    for conv in [n for n in graph.node if n.op_type == "Conv" or (n.op_type == "Gemm" and _plain_linear(n))]:
         scale = _bias_scale(conv, producers, arrays)
         if scale is None:
             continue
@@ -74,6 +77,9 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
         if add is not None:  # the Conv takes over the Add's output name
             edits.replace[id(add)] = None
             conv.output[0] = add.output[0]
+        count += 1
+        if conv.op_type == "Gemm":  # onnxruntime's QGemm, float or quantized output
+            continue
         x_dq, w_dq = producers[inputs[0]], producers[inputs[1]]
         if not requantize_at_conv(conv, consumers, arrays, edits) and is_pointwise(conv, arrays[w_dq.input[0]]):
             edits.before.pop(id(conv))  # the int32 bias: the matmul adds the float one after its scale
@@ -81,7 +87,6 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
             for dq in (x_dq, w_dq):
                 if len(consumers[dq.output[0]]) == 1:
                     edits.replace[id(dq)] = None
-        count += 1
     apply(model, edits)
     return count
 
@@ -94,6 +99,12 @@ def _unsigned_activations(graph: onnx.GraphProto, arrays: dict) -> None:
             shifted = (arrays[t.name].astype(np.int16) + 128).astype(np.uint8)
             graph.initializer[i].CopyFrom(numpy_helper.from_array(shifted, t.name))
             arrays[t.name] = shifted
+
+
+def _plain_linear(gemm: onnx.NodeProto) -> bool:
+    """``x @ w.T + b`` (a Linear): weights ``[out, in]``, scaled per output row."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+    return attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
 
 
 def _bias_scale(conv, producers, arrays) -> np.ndarray | None:
@@ -109,7 +120,8 @@ def _bias_scale(conv, producers, arrays) -> np.ndarray | None:
     if s_x.size != 1 or arrays[x_dq.input[2]].dtype not in (np.uint8, np.int8):
         return None
     channels = arrays[w_dq.input[0]].shape[0]
-    if s_w.size not in (1, channels):
+    axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+    if s_w.size not in (1, channels) or (s_w.size > 1 and axis != 0):
         return None
     return np.broadcast_to(s_x.astype(np.float32).reshape(()) * s_w.astype(np.float32).reshape(-1), (channels,)).copy()
 
