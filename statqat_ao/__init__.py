@@ -46,6 +46,7 @@ __all__ = [
     "nonfinite",
     "StatQATQuantizer",
     "set_qat_mode",
+    "torch_ao_prepare_custom_config",
     "FakeQuantizer",
     "QuantSpec",
     "QuantizedParams",
@@ -82,6 +83,10 @@ def __getattr__(name: str):
         from statqat_ao.frontends.pt2e import set_qat_mode
 
         return set_qat_mode
+    if name == "torch_ao_prepare_custom_config":  # torch.ao's prepare_qat_fx: train-only modules kept whole
+        from statqat_ao.frontends.torch_ao import prepare_custom_config
+
+        return prepare_custom_config
     if name == "StatQATConfig":  # torchao's quantize_ / QATConfig: imports torchao, registers our handlers
         from statqat_ao.frontends.torchao_qat import StatQATConfig
 

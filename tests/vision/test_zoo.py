@@ -134,3 +134,21 @@ def test_pt2e_refuses_timms_zero_initialised_batch_norms_by_name():
     exported = torch.export.export(build("timm:resnet18").train(), (torch.randn(2, 3, 32, 32),)).module()
     with pytest.raises(ValueError, match=r"batch norm weight 'layer1\.0\.bn2\.weight' is 0 in 64 of 64 channels"):
         prepare_qat_pt2e(exported, sq.StatQATQuantizer())
+
+
+@pytest.mark.slow
+def test_torch_ao_prepare_qat_fx_with_our_custom_config_keeps_swins_stochastic_depth_a_module():
+    """torch's tracer bakes StochasticDepth's training branch in (swin_t random in eval, 0.58 apart);
+    sq.torch_ao_prepare_custom_config(model) keeps it a module that .eval() switches."""
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    torch.manual_seed(0)
+    model = build("torchvision:swin_t").train()
+    x = torch.randn(2, 3, 64, 64)
+    qat = prepare_qat_fx(model, sq.statqat_qconfig, (x,), prepare_custom_config=sq.torch_ao_prepare_custom_config(model))
+    qat(x)
+    qat.eval()
+    with torch.no_grad():
+        reference = qat(x)
+        assert torch.equal(qat(x), reference)
+        assert torch.equal(sq.convert(qat)(x), reference)
