@@ -50,6 +50,8 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
     for n in graph.node:
         for i in n.input:
             consumers[i].append(n)
+    for o in graph.output:  # a graph output is a consumer no rewrite may take away
+        consumers[o.name].append(onnx.NodeProto(op_type="GraphOutput", name=o.name))
     edits = Edits()
     count = 0
     for conv in [n for n in graph.node if n.op_type == "Conv" or (n.op_type == "Gemm" and _plain_linear(n))]:

@@ -123,3 +123,17 @@ def test_bound_codes_equal_onnxruntime_quantize(dtype, zero_point):
                 assert int(code) == int(e), (v, s)
                 checked += 1
     assert checked > 0.99 * values.size * scales.size
+
+
+def test_an_op_whose_output_the_model_returns_stays():
+    """A Clip output that is also a graph output: moving the quantize would remove it."""
+    original, rewritten = _block(6.0, 0.06, fan_out=False), _block(6.0, 0.06, fan_out=False)
+    for model in (original, rewritten):
+        model.graph.output.append(H.make_tensor_value_info("r", TensorProto.FLOAT, [1, 8, 8, 8]))
+    assert integer_convolutions(rewritten) == 1  # the int32 bias still moves in
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert not moved_codes(rewritten) and "Clip" in [n.op_type for n in rewritten.graph.node]
+    before, after = ReferenceEvaluator(original), ReferenceEvaluator(rewritten)
+    for x in _inputs(2):
+        for a, b in zip(before.run(None, {"x": x}), after.run(None, {"x": x}), strict=True):
+            np.testing.assert_array_equal(a, b)
