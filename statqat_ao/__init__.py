@@ -84,7 +84,7 @@ def __getattr__(name: str):
 
         return set_qat_mode
     if name == "torch_ao_prepare_custom_config":  # torch.ao's prepare_qat_fx: train-only modules kept whole
-        from statqat_ao.frontends.torch_ao import prepare_custom_config
+        from statqat_ao.passes.torch_ao_config import prepare_custom_config
 
         return prepare_custom_config
     if name == "StatQATConfig":  # torchao's quantize_ / QATConfig: imports torchao, registers our handlers
