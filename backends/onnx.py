@@ -23,6 +23,7 @@ import contextlib
 import functools
 import io
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -221,12 +222,14 @@ def _verify(path, model, inputs: tuple, tolerance: float | None) -> tuple[float,
 
 
 
-def ort_session(path: str | Path | bytes, *, optimization_level: str = "all", threads: int | None = None):
+def ort_session(path: str | Path | bytes, *, optimization_level: str = "all", threads: int | None = None,
+                optimized_model_path: str | Path | None = None):  # fmt: skip
     """An onnxruntime CPU session with the options the parity check assumes.
 
     QDQ MatMul fused into MatMulNBits keeps float activations
     (``session.qdq_matmulnbits_accuracy_level=0``); ``optimization_level`` is one of
-    ``"disable"``, ``"basic"``, ``"extended"``, ``"all"``.
+    ``"disable"``, ``"basic"``, ``"extended"``, ``"all"``; ``optimized_model_path``: where
+    onnxruntime writes the graph it runs (see :func:`kernel_ops`).
 
     Example:
         >>> session = ort_session("model.onnx")  # doctest: +SKIP
@@ -257,9 +260,25 @@ def ort_session(path: str | Path | bytes, *, optimization_level: str = "all", th
         options.add_session_config_entry("session.x64quantprecision", "1")
     if threads is not None:
         options.intra_op_num_threads = threads
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
     return ort.InferenceSession(
         model, options, providers=["CPUExecutionProvider"], disabled_optimizers=_disabled_rewrites(model)
     )
+
+
+def kernel_ops(path: str | Path | bytes) -> list[str]:
+    """The ops onnxruntime runs for an ONNX file after its graph optimizations, in an
+    :func:`ort_session` (e.g. how many convs became ``QLinearConv``).
+
+    Example:
+        >>> kernel_ops("model.onnx").count("QLinearConv")  # doctest: +SKIP
+        21
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        ort_session(path, optimized_model_path=optimized)
+        return [n.op_type for n in onnx.load(str(optimized)).graph.node]
 
 
 @functools.cache

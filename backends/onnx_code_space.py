@@ -171,10 +171,9 @@ def _ops_on_codes(ops, q, arrays) -> tuple[list[onnx.NodeProto], list[onnx.Tenso
     for k, op in enumerate(ops):
         name = f"{q.name}{REQUANTIZED}.op{k}"
         if op.op_type in ("Relu", "Clip"):
-            limits = [np.float32(0.0), None] if op.op_type == "Relu" else [_constant(op, 1, arrays), _constant(op, 2, arrays)]
-            if op.op_type == "Clip" and (len(op.input) > 1 and op.input[1] and limits[0] is None
-                                         or len(op.input) > 2 and op.input[2] and limits[1] is None):  # fmt: skip
-                return None  # a bound computed at run time
+            limits = [np.float32(0.0), None] if op.op_type == "Relu" else _clip_limits(op, arrays)
+            if limits is None:
+                return None
             inputs = [value]
             for side, limit in zip(("min", "max"), limits, strict=True):
                 code = None if limit is None else _code(limit, scale, zero_point)
@@ -193,10 +192,17 @@ def _ops_on_codes(ops, q, arrays) -> tuple[list[onnx.NodeProto], list[onnx.Tenso
     return new_ops, bounds
 
 
-def _constant(op: onnx.NodeProto, index: int, arrays) -> np.float32 | None:
-    if len(op.input) <= index or not op.input[index] or op.input[index] not in arrays:
+def _clip_limits(clip: onnx.NodeProto, arrays) -> list[np.float32 | None] | None:
+    """``[min, max]`` of a Clip (None where absent), or None when a bound is computed at run
+    time or given as an attribute (opset < 11)."""
+    if clip.attribute:
         return None
-    return np.float32(arrays[op.input[index]].reshape(()))
+    limits = []
+    for name in list(clip.input[1:3]) + [""] * (3 - len(clip.input)):
+        if name and name not in arrays:
+            return None
+        limits.append(np.float32(arrays[name].reshape(())) if name else None)
+    return limits
 
 
 def _code(value: np.float32, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray | None:

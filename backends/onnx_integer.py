@@ -55,6 +55,7 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
     edits = Edits()
     count = 0
     for conv in [n for n in graph.node if n.op_type == "Conv" or (n.op_type == "Gemm" and _plain_linear(n))]:
+        # ``conv``: a Conv, or a Gemm that is a Linear (its weights [out, in] scaled per row)
         scale = _bias_scale(conv, producers, arrays)
         if scale is None:
             continue
@@ -83,9 +84,10 @@ def integer_convolutions(model: onnx.ModelProto) -> int:
         if conv.op_type == "Gemm":  # onnxruntime's QGemm, float or quantized output
             continue
         x_dq, w_dq = producers[inputs[0]], producers[inputs[1]]
-        if not requantize_at_conv(conv, consumers, arrays, edits) and is_pointwise(conv, arrays[w_dq.input[0]]):
+        weight = arrays[w_dq.input[0]]
+        if not requantize_at_conv(conv, consumers, arrays, edits) and is_pointwise(conv, weight):
             edits.before.pop(id(conv))  # the int32 bias: the matmul adds the float one after its scale
-            integer_matmul(conv, x_dq, w_dq, bias_name, arrays, edits)
+            integer_matmul(conv, x_dq, weight, scale, arrays[bias_name], edits)
             for dq in (x_dq, w_dq):
                 if len(consumers[dq.output[0]]) == 1:
                     edits.replace[id(dq)] = None

@@ -6,13 +6,13 @@ onnxruntime then dequantizes the conv's int8 weights on every call and runs a fl
 For a 1x1 conv (stride 1, no padding, one group) :func:`pointwise_integer_matmuls` writes
 instead, with only standard ONNX ops:
 
-    Transpose(x codes, NHWC) -> MatMulInteger(., W^T int8) -> Cast(float) -> Mul(s_x * s_w)
+    Transpose(x codes, NHWC) -> MatMulInteger(., W^T int8) -> Cast(float) -> Mul(s_x s_w)
     -> Add(bias) -> Transpose(NCHW)
 
 onnxruntime runs the MatMulInteger as an int8 GEMM on the codes (no weight dequantization)
 and its layout pass drops the transposes between NHWC integer kernels. (Its
-``MatMulIntegerToFloat`` fusion does not fire: it looks for the ``Mul`` of the two scales,
-which constant folding has already turned into an initializer.) The values are the float conv's up to float32 rounding
+``MatMulIntegerToFloat`` fusion does not fire: it looks for a run-time ``Mul`` of the two
+scales, which a constant product is not.) The values are the float conv's up to float32 rounding
 (the integer sum is exact, the float conv's sum rounds), the same arithmetic as
 ``QLinearConv``; the per-layer check compares the next quantizer's codes with one-step
 ties allowed.
@@ -46,26 +46,22 @@ def is_pointwise(conv: onnx.NodeProto, weight: np.ndarray) -> bool:
     )
 
 
-def integer_matmul(conv: onnx.NodeProto, x_dq: onnx.NodeProto, w_dq: onnx.NodeProto, bias: str,
-                   arrays: dict[str, np.ndarray], edits: Edits) -> None:  # fmt: skip
-    """Replace ``conv`` (reading ``x_dq`` and ``w_dq``, float ``bias`` on the int32 grid) by
-    the integer matmul of the module docstring."""
+def integer_matmul(conv: onnx.NodeProto, x_dq: onnx.NodeProto, weight: np.ndarray, scale: np.ndarray,
+                   bias: np.ndarray, edits: Edits) -> None:  # fmt: skip
+    """Replace ``conv`` (reading ``x_dq``; int8 ``weight`` codes, ``scale`` = ``s_x s_w`` per
+    output channel, float ``bias`` on that grid) by the integer matmul of the module docstring."""
     prefix = f"{conv.output[0]}_matmul"
-    codes, s_x, zp_x = x_dq.input[:3]
-    w = arrays[w_dq.input[0]]
-    s_w = arrays[w_dq.input[1]].astype(np.float32).reshape(-1)
-    weight_t = np.ascontiguousarray(w[:, :, 0, 0].T)  # [C_in, C_out]
+    codes, _, zp_x = x_dq.input[:3]
     edits.initializers.extend([
-        numpy_helper.from_array(weight_t, f"{prefix}.weight_t"),
-        numpy_helper.from_array(np.broadcast_to(s_w, (w.shape[0],)).copy(), f"{prefix}.weight_scale"),
-        numpy_helper.from_array(arrays[bias].astype(np.float32).reshape(-1), f"{prefix}.bias"),
+        numpy_helper.from_array(np.ascontiguousarray(weight[:, :, 0, 0].T), f"{prefix}.weight_t"),  # [C_in, C_out]
+        numpy_helper.from_array(scale.astype(np.float32), f"{prefix}.scale"),
+        numpy_helper.from_array(bias.astype(np.float32).reshape(-1), f"{prefix}.bias"),
     ])  # fmt: skip
     nodes = [
         helper.make_node("Transpose", [codes], [f"{prefix}.nhwc"], perm=[0, 2, 3, 1], name=f"{prefix}_to_nhwc"),
         helper.make_node("MatMulInteger", [f"{prefix}.nhwc", f"{prefix}.weight_t", zp_x], [f"{prefix}.int32"],
                          name=f"{prefix}_MatMulInteger"),
         helper.make_node("Cast", [f"{prefix}.int32"], [f"{prefix}.sum"], to=TensorProto.FLOAT, name=f"{prefix}_Cast"),
-        helper.make_node("Mul", [s_x, f"{prefix}.weight_scale"], [f"{prefix}.scale"], name=f"{prefix}_scale"),
         helper.make_node("Mul", [f"{prefix}.sum", f"{prefix}.scale"], [f"{prefix}.scaled"], name=f"{prefix}_Mul"),
         helper.make_node("Add", [f"{prefix}.scaled", f"{prefix}.bias"], [f"{prefix}.out"], name=f"{prefix}_Add"),
         helper.make_node("Transpose", [f"{prefix}.out"], [conv.output[0]], perm=[0, 3, 1, 2], name=f"{prefix}_to_nchw"),

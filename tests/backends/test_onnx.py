@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from backend_models import converted
@@ -178,11 +177,7 @@ def test_w8a8_convolutions_run_as_qlinearconv(exported, tmp_path):
     """onnxruntime fuses both convs of the CNN into integer QLinearConv kernels (int32 biases,
     trained as such); the file's bias codes times s_x s_w are the converted model's biases."""
     q, x, report = exported("cnn", "w8a8")
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(report.path), options, providers=["CPUExecutionProvider"],
-                         disabled_optimizers=onnx_backend._disabled_rewrites(str(report.path)))  # fmt: skip
-    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    ops = onnx_backend.kernel_ops(report.path)
     assert ops.count("QLinearConv") == 2 and "FusedConv" not in ops and "Conv" not in ops
     proto = onnx.load(str(report.path))
     arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
