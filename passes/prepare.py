@@ -118,7 +118,10 @@ class _Inserter:
             if bias is not None and folded is None:
                 quantized = graph.call_function(quantize_bias, (bias, scale))
                 quantized.meta["is_wrapped"] = True
-                node.args = (*node.args[:2], quantized, *node.args[3:])
+                if len(node.args) > 2:
+                    node.args = (*node.args[:2], quantized, *node.args[3:])
+                else:  # F.linear(x, w, bias=b)
+                    node.kwargs = {**node.kwargs, "bias": quantized}
         if folded is not None:
             folded.kwargs = {**folded.kwargs, "bias_scale": scale}
 

@@ -68,3 +68,29 @@ def test_with_fake_quant_off_the_bias_is_the_float_one():
     qat.apply(torch.ao.quantization.disable_fake_quant)
     grids = [m for m in qat.modules() if isinstance(m, BiasGrid)]
     assert grids and all(g() is None for g in grids)
+
+
+def test_a_bias_passed_by_keyword_is_quantized_once():
+    """F.linear(x, w, bias=b) / F.conv2d(..., bias=b): the int32 bias replaces the keyword
+    (before: the bias was also added positionally, TypeError at the first forward)."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4))
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x, y):
+            linear = nn.functional.linear(x, self.w, bias=self.b)
+            return linear, nn.functional.conv2d(y, self.conv.weight, bias=self.conv.bias)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 8), torch.randn(2, 3, 6, 6)
+    qat = sq.prepare_qat_fx(Functional(), sq.get_statqat_qconfig("int8", "int8"), (x, y))
+    qat(x, y)
+    qat.eval()
+    with torch.no_grad():
+        reference = qat(x, y)
+        for got, want in zip(sq.convert(qat)(x, y), reference, strict=True):
+            assert torch.equal(got, want)
+    assert sum(1 for n in qat.graph.nodes if "quantize_bias" in n.name) == 2  # both biases on their grids
