@@ -278,7 +278,7 @@ def kernel_ops(path: str | Path | bytes) -> list[str]:
     with tempfile.TemporaryDirectory() as folder:
         optimized = Path(folder) / "optimized.onnx"
         ort_session(path, optimized_model_path=optimized)
-        return [n.op_type for n in onnx.load(str(optimized)).graph.node]
+        return [n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node]
 
 
 @functools.cache

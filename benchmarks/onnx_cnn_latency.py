@@ -7,7 +7,7 @@ activations per tensor, int32 biases), converted and exported with
 ``statqat_ao.backends.onnx.export`` (parity checked layer by layer on 64 test images). The
 baseline is ``torch.onnx.export`` of the same architecture in fp32 (batch norm included).
 
-For each file: the ops onnxruntime runs after its graph optimizations (how many convs are
+For each file: the ops onnxruntime runs after its graph optimizations (``kernel_ops``) (how many convs are
 ``QLinearConv`` or, for a 1x1 conv no quantizer reads, ``MatMulInteger``; how many stay float), the file size, the test accuracy of the converted
 model, and the median of ``--runs`` batch-1 calls (interleaved, after warm-up) in a
 default onnxruntime session with ``--threads`` intra-op threads.
@@ -26,7 +26,6 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-import onnx
 import onnxruntime as ort
 import torch
 from statqat_ao.backends import onnx as onnx_backend
@@ -59,14 +58,6 @@ def _kib(path: Path) -> float:
     """The file and its external data (torch.onnx.export writes fp32 weights beside it)."""
     data = path.with_name(path.name + ".data")
     return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1024
-
-
-def optimized_ops(path: Path, threads: int) -> Counter:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 
 def latencies(paths: list[Path], x: torch.Tensor, runs: int, threads: int) -> list[float]:
@@ -106,7 +97,7 @@ def main() -> None:
             torch.onnx.export(model, (x_test[:1],), str(fp32), dynamo=True, verbose=False)
             with warnings.catch_warnings(record=True):
                 report = onnx_backend.export(converted, (x_test[:64],), w8a8)
-            ops = [optimized_ops(p, args.threads) for p in (fp32, w8a8)]
+            ops = [Counter(onnx_backend.kernel_ops(p)) for p in (fp32, w8a8)]
             times = latencies([fp32, w8a8], x_test[:1], args.runs, args.threads)
             flipped = sum(layer.differing for layer in report.layers)
             total = sum(layer.codes for layer in report.layers)
