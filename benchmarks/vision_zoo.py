@@ -5,7 +5,10 @@ through three entry points with StatQAT's default quantizers (INT4 weights per c
 INT8 activations):
 
 * ``sq``: ``sq.prepare_qat_fx(model, sq.statqat_qconfig, (x,))``;
-* ``torch.ao``: torch's ``prepare_qat_fx(model, sq.statqat_qconfig, (x,))`` (a QConfigMapping);
+* ``torch.ao``: torch's ``prepare_qat_fx(model, sq.statqat_qconfig, (x,),
+  prepare_custom_config=sq.torch_ao_prepare_custom_config(model))`` (a QConfigMapping), then
+  ``sq.torch_ao_exact_zero_batch_norm_weights`` on the prepared model (the README's recipe;
+  ``--plain-torch-ao``: torch's call alone);
 * ``pt2e``: ``prepare_qat_pt2e(torch.export.export(model, (x,)).module(), sq.StatQATQuantizer())``,
   then torchao's ``move_exported_model_to_eval``.
 
@@ -45,13 +48,20 @@ MODELS = [
 ]
 
 
+PLAIN_TORCH_AO = False  # --plain-torch-ao
+
+
 def _prepare(entry: str, model, x):
     if entry == "sq":
         return sq.prepare_qat_fx(model, sq.statqat_qconfig, (x,))
     if entry == "torch.ao":
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-        return prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+        if PLAIN_TORCH_AO:
+            return prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+        qat = prepare_qat_fx(model, sq.statqat_qconfig, (x,), prepare_custom_config=sq.torch_ao_prepare_custom_config(model))
+        sq.torch_ao_exact_zero_batch_norm_weights(qat)
+        return qat
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     return prepare_qat_pt2e(torch.export.export(model, (x,)).module(), sq.StatQATQuantizer())
@@ -136,8 +146,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--entries", nargs="+", default=["sq", "torch.ao", "pt2e"], choices=["sq", "torch.ao", "pt2e"])
     parser.add_argument("--compile", action="store_true", help="also two aot_eager-compiled steps (sq entry point)")
+    parser.add_argument("--plain-torch-ao", action="store_true", help="torch.ao: torch's prepare_qat_fx call alone")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    global PLAIN_TORCH_AO
+    PLAIN_TORCH_AO = args.plain_torch_ao
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for name in args.models:

@@ -83,20 +83,18 @@ def functionalize_weighted_modules(gm: fx.GraphModule) -> None:
 
 
 def _functionalize_conv_bn(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> None:
-    """torch.ao's fused QAT ``ConvBn*d`` / ``ConvBnReLU*d`` as the ops its forward computes.
+    """torch.ao's fused QAT ``ConvBn*d`` / ``ConvBnReLU*d`` as the ops its eval forward computes.
 
-    The same ops in the same order as ``_ConvBnNd._forward_approximate``: the weight scaled
-    by ``gamma / sqrt(running_var + eps)`` goes through the module's ``weight_fake_quant``
-    (convert stores its codes), the conv output is divided by that factor again, the conv
-    bias added, and the module's own ``bn`` applied (running statistics in eval). A
-    converted model therefore computes what the QAT module computes in eval, bit for bit.
+    The same ops in the same order as the module's eval path, so a converted model
+    computes what the QAT module computes in eval, bit for bit. Both of torch.ao's paths:
+    the default ``_forward_approximate`` (the weight scaled by ``gamma / sqrt(running_var +
+    eps)`` goes through ``weight_fake_quant``, whose codes convert stores; the conv output is
+    divided by that factor again, the conv bias added, the module's own ``bn`` applied) and,
+    where ``_enable_slow_path_for_better_numerical_stability`` is set (see
+    :func:`statqat_ao.passes.torch_ao_config.exact_zero_batch_norm_weights`), ``_forward_slow``:
+    the same fake-quantized weight, then the folded bias ``beta - gamma * (running_mean -
+    bias) / running_std`` added, with no division by ``gamma``.
     """
-    if getattr(mod, "_enable_slow_path_for_better_numerical_stability", False):
-        raise NotImplementedError(
-            f"{node.target} ({type(mod).__name__}) uses torch.ao's slow conv-bn path; convert supports its "
-            "default (approximate) path: leave _enable_slow_path_for_better_numerical_stability off, or "
-            "prepare with statqat_ao.prepare_qat_fx"
-        )
     if len(node.args) != 1 or node.kwargs or getattr(mod, "padding_mode", "zeros") != "zeros":
         raise NotImplementedError(f"{node.target} ({type(mod).__name__}): only zero padding and one input are supported")
     import operator
@@ -107,6 +105,7 @@ def _functionalize_conv_bn(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) ->
     dims = mod.weight.dim()
     weight_shape, bias_shape = [-1] + [1] * (dims - 1), [1, -1] + [1] * (dims - 2)
     conv_fn = F.conv1d if dims == 3 else F.conv2d
+    slow = getattr(mod, "_enable_slow_path_for_better_numerical_stability", False)
     with g.inserting_before(node):
         running_std = g.call_function(torch.sqrt, (g.call_function(operator.add, (g.get_attr(f"{t}.bn.running_var"), mod.bn.eps)),))
         factor = g.call_function(operator.truediv, (g.get_attr(f"{t}.bn.weight"), running_std))
@@ -114,14 +113,21 @@ def _functionalize_conv_bn(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) ->
         weight = g.call_module(f"{t}.weight_fake_quant", (scaled,))
         zero_bias = g.call_function(torch.zeros_like, (factor,))
         conv = g.call_function(conv_fn, (node.args[0], weight, zero_bias, mod.stride, mod.padding, mod.dilation, mod.groups))
-        out = g.call_function(operator.truediv, (conv, g.call_method("reshape", (factor, bias_shape))))
-        if mod.bias is not None:
-            out = g.call_function(operator.add, (out, g.call_method("reshape", (g.get_attr(f"{t}.bias"), bias_shape))))
-        out = g.call_module(f"{t}.bn", (out,))
+        if slow:
+            mean = g.get_attr(f"{t}.bn.running_mean")
+            if mod.bias is not None:
+                mean = g.call_function(operator.sub, (mean, g.get_attr(f"{t}.bias")))
+            shift = g.call_function(operator.truediv, (g.call_function(operator.mul, (g.get_attr(f"{t}.bn.weight"), mean)), running_std))
+            folded_bias = g.call_function(operator.sub, (g.get_attr(f"{t}.bn.bias"), shift))
+            out = g.call_function(operator.add, (conv, g.call_method("reshape", (folded_bias, bias_shape))))
+        else:
+            out = g.call_function(operator.truediv, (conv, g.call_method("reshape", (factor, bias_shape))))
+            if mod.bias is not None:
+                out = g.call_function(operator.add, (out, g.call_method("reshape", (g.get_attr(f"{t}.bias"), bias_shape))))
+            out = g.call_module(f"{t}.bn", (out,))
         activation = _fused_activation(mod)
         if activation is not None:
             out = g.call_function(activation, (out,))
     conv.meta = dict(node.meta)
     node.replace_all_uses_with(out)
     g.erase_node(node)
-

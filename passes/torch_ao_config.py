@@ -42,3 +42,40 @@ def prepare_custom_config(model: torch.nn.Module, config: PrepareCustomConfig | 
     found = {type(m) for m in model.modules() if reads_training_flag(m)}
     known = list(config.non_traceable_module_classes)
     return config.set_non_traceable_module_classes(known + sorted(found - set(known), key=lambda c: c.__qualname__))
+
+
+def exact_zero_batch_norm_weights(model: torch.nn.Module) -> list[str]:
+    """Switch torch.ao's fused conv-bn QAT modules with a zero batch-norm weight to torch's
+    exact fold; return their names.
+
+    torch.ao's ``ConvBn2d`` / ``ConvBnReLU2d`` (what ``prepare_qat_fx`` makes of Conv + BN)
+    compute ``conv(x, fq(W * gamma / std)) / (gamma / std)`` by default: 0/0 in every channel
+    whose ``gamma`` is 0 (timm's ``zero_init_last``, torchvision's ``zero_init_residual``), so
+    the first training step is NaN. torch.ao's own slow path
+    (``_enable_slow_path_for_better_numerical_stability``) runs a second conv for the batch
+    statistics and never divides by ``gamma``; this turns it on for the modules that need
+    it (the others keep the one-conv path). ``sq.convert`` takes both paths bit for bit.
+    Call it on the prepared model, before training.
+
+    Example:
+        >>> import torch, statqat_ao as sq
+        >>> from torch.ao.quantization.quantize_fx import prepare_qat_fx
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1)).train()
+        >>> torch.nn.init.zeros_(model[1].weight)  # timm's zero_init_last
+        Parameter containing:
+        tensor([0., 0., 0., 0.], requires_grad=True)
+        >>> x = torch.randn(8, 1, 6, 6)
+        >>> qat = prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+        >>> sq.torch_ao_exact_zero_batch_norm_weights(qat)
+        ['0']
+        >>> bool(qat(x).isfinite().all())
+        True
+    """
+    from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+
+    switched = []
+    for name, module in model.named_modules():
+        if isinstance(module, _ConvBnNd) and bool((module.bn.weight == 0).any()):
+            module._enable_slow_path_for_better_numerical_stability = True
+            switched.append(name)
+    return switched

@@ -47,6 +47,7 @@ __all__ = [
     "StatQATQuantizer",
     "set_qat_mode",
     "torch_ao_prepare_custom_config",
+    "torch_ao_exact_zero_batch_norm_weights",
     "FakeQuantizer",
     "QuantSpec",
     "QuantizedParams",
@@ -87,6 +88,10 @@ def __getattr__(name: str):
         from statqat_ao.passes.torch_ao_config import prepare_custom_config
 
         return prepare_custom_config
+    if name == "torch_ao_exact_zero_batch_norm_weights":  # torch.ao's ConvBn2d: torch's exact fold where gamma is 0
+        from statqat_ao.passes.torch_ao_config import exact_zero_batch_norm_weights
+
+        return exact_zero_batch_norm_weights
     if name == "StatQATConfig":  # torchao's quantize_ / QATConfig: imports torchao, registers our handlers
         from statqat_ao.frontends.torchao_qat import StatQATConfig
 

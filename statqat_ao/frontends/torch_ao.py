@@ -110,7 +110,8 @@ class StatQATFakeQuantize(_TorchAOQuantizerMixin, FakeQuantizer, FakeQuantizeBas
     nonfinite_hint = (
         " Under torch.ao's prepare_qat_fx, a batch norm weight of exactly 0 after a conv (timm's zero_init_last, "
         "torchvision's zero_init_residual) makes torch.ao's ConvBn2d divide its conv output 0/0 before any quantizer: "
-        "prepare with sq.prepare_qat_fx, whose fold takes a zero weight exactly."
+        "call sq.torch_ao_exact_zero_batch_norm_weights(prepared_model) before training (torch.ao's own exact fold "
+        "for those modules), or prepare with sq.prepare_qat_fx, whose fold takes a zero weight exactly."
     )
 
     def __init__(

@@ -119,5 +119,32 @@ def test_a_zero_batch_norm_weight_under_torch_aos_conv_bn_names_the_cause():
     x = torch.randn(8, 1, 6, 6)
     qat = prepare_qat_fx(model, sq.statqat_qconfig, (x,))
     assert "ConvBn2d" in {type(m).__name__ for m in qat.modules()}
-    with pytest.raises(sq.NonFiniteError, match=r"NaN.*ConvBn2d divide its conv output 0/0.*sq\.prepare_qat_fx"):
+    with pytest.raises(
+        sq.NonFiniteError, match=r"NaN.*ConvBn2d divide its conv output 0/0.*sq\.torch_ao_exact_zero_batch_norm_weights"
+    ):
         qat(x)
+
+
+def test_torch_aos_exact_fold_trains_a_zero_batch_norm_weight_and_converts_bit_identically():
+    """sq.torch_ao_exact_zero_batch_norm_weights switches the ConvBn modules whose gamma has a
+    0 to torch.ao's slow path (no division by gamma); sq.convert reproduces that path's
+    eval ops, so the converted model equals torch.ao's module in eval, and a channel whose
+    gamma is 0 converts to zero codes."""
+    torch.manual_seed(0)
+    model = ConvBnNet().train()
+    torch.nn.init.zeros_(model.bn2.weight)  # the last BN of a block: timm's zero_init_last
+    model.bn1.weight.data[:3] = 0  # a ConvBnReLU2d with a conv bias, some channels at 0
+    x = digits()[0][:64]
+    qat = prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+    assert sorted(sq.torch_ao_exact_zero_batch_norm_weights(qat)) == ["conv1", "conv2"]
+    qat.conv2.bn.weight.requires_grad_(False)  # stays 0 through training
+    losses = qat_losses(qat, steps=5)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    qat.eval()
+    x_test = digits()[2][:100]
+    converted = sq.convert(qat)
+    out = qat(x_test)
+    assert torch.isfinite(out).all()
+    assert torch.equal(converted(x_test), out)
+    assert not converted.get_submodule("conv2").weight_quant.codes.any()  # gamma 0: the folded weight is 0
+

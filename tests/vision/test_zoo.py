@@ -152,3 +152,27 @@ def test_torch_ao_prepare_qat_fx_with_our_custom_config_keeps_swins_stochastic_d
         reference = qat(x)
         assert torch.equal(qat(x), reference)
         assert torch.equal(sq.convert(qat)(x), reference)
+
+
+@pytest.mark.slow
+def test_torch_ao_trains_timms_zero_initialised_resnet18_with_the_exact_fold():
+    """timm's resnet18 (zero_init_last: gamma 0 in each block's last batch norm) gives NaN at
+    the first step under torch.ao's ConvBn2d; with sq.torch_ao_exact_zero_batch_norm_weights
+    it trains, and sq.convert equals the QAT model in eval."""
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    torch.manual_seed(0)
+    model = build("timm:resnet18").train()
+    x = torch.randn(4, 3, 64, 64)
+    qat = prepare_qat_fx(model, sq.statqat_qconfig, (x,), prepare_custom_config=sq.torch_ao_prepare_custom_config(model))
+    assert len(sq.torch_ao_exact_zero_batch_norm_weights(qat)) == 8  # layer1.0.conv2 ... layer4.1.conv2
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    for _ in range(2):
+        out = qat(x)
+        assert torch.isfinite(out).all()
+        torch.nn.functional.cross_entropy(out, torch.arange(len(x)) % out.shape[1]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    qat.eval()
+    with torch.no_grad():
+        assert torch.equal(sq.convert(qat)(x), qat(x))
