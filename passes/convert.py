@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 
 import torch
 from torch import fx, nn
@@ -91,6 +92,7 @@ def convert(prepared: nn.Module, inplace: bool = False) -> nn.Module:
             f"prepare_qat_pt2e or sq.quantize_; this {type(prepared).__name__} holds no StatQAT quantizer"
         )
     gm = prepared if inplace else copy.deepcopy(prepared)
+    from_torch_ao = _prepared_by_torch_ao(gm)
     _to_eval(gm)
     functionalize_weighted_modules(gm)
     graph = gm.graph
@@ -124,7 +126,39 @@ def convert(prepared: nn.Module, inplace: bool = False) -> nn.Module:
     graph.lint()
     drop_string_annotations(gm)
     gm.delete_all_unused_submodules()
+    if from_torch_ao:
+        _warn_float_weights(gm)
     return gm
+
+
+def _prepared_by_torch_ao(gm: fx.GraphModule) -> bool:
+    """Whether torch.ao's ``prepare_qat_fx`` made ``gm`` (its quantizers are ours, its tracer torch's)."""
+    from statqat_ao.frontends.torch_ao import StatQATFakeQuantize, StatQATObserver
+
+    return any(type(m) in (StatQATFakeQuantize, StatQATObserver) for m in gm.modules())
+
+
+def float_weights(model: nn.Module) -> list[str]:
+    """The weight matrices ``model`` still holds in float: parameters of 2 or more dimensions
+    named ``weight`` or ``*_weight`` (``nn.MultiheadAttention``'s ``in_proj_weight``)."""
+    return [
+        name
+        for name, p in model.named_parameters()
+        if p.dim() >= 2 and (name == "weight" or name.endswith((".weight", "_weight")))
+    ]
+
+
+def _warn_float_weights(gm: fx.GraphModule) -> None:
+    # sq.prepare_qat_fx names what it cannot quantize at prepare; torch.ao's prepare is
+    # torch's, so convert names what its tracer kept away from the qconfig.
+    kept = float_weights(gm)
+    if kept:
+        warnings.warn(
+            f"statqat: {len(kept)} weight(s) of this torch.ao-prepared model had no quantizer and stay float: "
+            f"{', '.join(kept)}. torch.ao's tracer keeps some ops whole (nn.MultiheadAttention, torchvision's "
+            "shifted_window_attention) and quantizes only the modules it swaps; sq.prepare_qat_fx quantizes them.",
+            stacklevel=3,
+        )
 
 
 def _convert_quantizer(gm, node, fq, cache) -> str:

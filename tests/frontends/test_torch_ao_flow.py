@@ -148,3 +148,27 @@ def test_torch_aos_exact_fold_trains_a_zero_batch_norm_weight_and_converts_bit_i
     assert torch.equal(converted(x_test), out)
     assert not converted.get_submodule("conv2").weight_quant.codes.any()  # gamma 0: the folded weight is 0
 
+
+
+class AttentionNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)  # a leaf to torch.ao's tracer
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_convert_names_the_weights_torch_aos_tracer_kept_float():
+    """torch.ao's tracer keeps nn.MultiheadAttention whole, so its projections get no quantizer;
+    sq.convert names each weight that stays float (sq.prepare_qat_fx does at prepare)."""
+    import pytest
+
+    x = torch.randn(2, 5, 16)
+    qat = prepare_qat_fx(AttentionNet().train(), sq.statqat_qconfig, (x,))
+    qat(x)
+    with pytest.warns(UserWarning, match=r"2 weight\(s\) .* stay float: attn\.in_proj_weight, attn\.out_proj\.weight\. ") as record:
+        converted = sq.convert(qat)
+    assert "fc.weight" not in str(record[0].message)
+    assert converted.get_submodule("fc").weight_quant.codes is not None
