@@ -9,7 +9,7 @@ from statqat_ao.numerics.formats import Format
 
 def usable_scale(s: torch.Tensor) -> torch.Tensor:
     """Which scales a quantizer can use as they are: finite and positive."""
-    return torch.isfinite(s) & (s > 0)
+    return (s > 0) & (s < torch.inf)  # NaN fails both comparisons
 
 
 def with_fallback(

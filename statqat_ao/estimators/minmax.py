@@ -17,11 +17,12 @@ def minmax_qparams(x: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch
     MinMaxObserver convention: all 2^b levels in use), ``max|x| / qmax`` otherwise. Asymmetric (INT only): the range
     ``[min(x, 0), max(x, 0)]`` spread over the whole grid, integer zero point.
     """
-    _, m = reduce_blocks(maxima=[x.abs(), x, -x])
-    amax, hi, lo = m[0], m[1].clamp(min=0), (-m[2]).clamp(max=0)
     if symmetric:
+        amax = reduce_blocks(maxima=[x.abs()])[1][0]
         half_range = (fmt.qmax - fmt.qmin) / 2 if (fmt.family == "int" and fmt.signed) else fmt.qmax
         return amax / half_range, torch.zeros_like(amax)
+    _, m = reduce_blocks(maxima=[x, -x])
+    hi, lo = m[0].clamp(min=0), (-m[1]).clamp(max=0)
     s = (hi - lo) / (fmt.qmax - fmt.qmin)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     zp = (fmt.qmin - torch.round(lo / safe)).clamp(fmt.qmin, fmt.qmax)

@@ -189,7 +189,8 @@ class FakeQuantizer(InputMomentsTracking, NonFiniteTracking, nn.Module):
             self._scale_shape = layout.scale_shape
         else:
             self.scale.copy_(layout.from_blocks(s))
-            if not estimator.keeps_zero_point:  # e.g. least squares refines the scale for a fixed zero point
+            # Least squares refines the scale for a fixed zero point; a symmetric one is 0 always.
+            if not estimator.keeps_zero_point and not self.symmetric:
                 self.zero_point.copy_(layout.from_blocks(zp.to(torch.int32)))
 
     def forward(
