@@ -13,6 +13,7 @@ import pytest
 import torch
 from backend_models import converted
 from onnx import TensorProto, numpy_helper
+from onnx_graphs import float_model, qdq_input_and_weight
 from statqat_ao.backends import code_parity
 from statqat_ao.backends import onnx as onnx_backend
 from statqat_ao.backends.onnx_codes import runtime_codes
@@ -192,20 +193,10 @@ def test_w8a8_convolutions_run_as_qlinearconv(exported, tmp_path):
 
 def _conv_with_bias_add(bias: np.ndarray) -> onnx.ModelProto:
     """DQ(x uint8) and DQ(w int8, per channel) -> Conv (2x2: not the 1x1 onnx_pointwise rewrites) -> Add(bias [1, 2, 1, 1])."""
-    h = onnx.helper
-    inits = [
-        numpy_helper.from_array(np.float32(0.5), "sx"), numpy_helper.from_array(np.uint8(128), "zx"),
-        numpy_helper.from_array(np.ones((2, 1, 2, 2), np.int8), "w"), numpy_helper.from_array(np.float32([0.25, 0.125]), "sw"),
-        numpy_helper.from_array(np.zeros(2, np.int8), "zw"), numpy_helper.from_array(bias.reshape(1, 2, 1, 1), "b"),
-    ]  # fmt: skip
-    nodes = [
-        h.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-        h.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0), h.make_node("Conv", ["xd", "wd"], ["c"]),
-        h.make_node("Add", ["c", "b"], ["y"]),
-    ]  # fmt: skip
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
-                         [h.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+    inits, nodes = qdq_input_and_weight(np.float32(0.5), np.uint8(128), np.ones((2, 1, 2, 2), np.int8), np.float32([0.25, 0.125]))
+    inits.append(numpy_helper.from_array(bias.reshape(1, 2, 1, 1), "b"))
+    nodes += [onnx.helper.make_node("Conv", ["xd", "wd"], ["c"]), onnx.helper.make_node("Add", ["c", "b"], ["y"])]
+    return float_model("g", nodes, inits, [1, 1, 2, 2], [("y", None)])
 
 
 def test_only_biases_on_the_int32_grid_move_into_the_conv():

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx_graphs import float_model, qdq_input_and_weight
 from statqat_ao.backends.onnx import kernel_ops
 from statqat_ao.backends.onnx_code_space import _code, moved_codes
 from statqat_ao.backends.onnx_codes import quantize_nodes
@@ -23,18 +24,13 @@ def _block(clip_max: float | None, out_scale: float, fan_out: bool = True) -> on
     rng = np.random.default_rng(0)
     s_x, s_w = np.float32(0.05), (rng.uniform(0.01, 0.02, 8)).astype(np.float32)
     bias = (rng.integers(-300, 300, 8) * (s_x * s_w)).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(s_x, "sx"), numpy_helper.from_array(np.int8(0), "zx"),
-        numpy_helper.from_array(rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8), "w"),
-        numpy_helper.from_array(s_w, "sw"), numpy_helper.from_array(np.zeros(8, np.int8), "zw"),
+    inits, nodes = qdq_input_and_weight(s_x, np.int8(0), rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8), s_w, "q_in")
+    inits += [
         numpy_helper.from_array(bias.reshape(1, 8, 1, 1), "b"),
         numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(clip_max or 0), "hi"),
         numpy_helper.from_array(np.float32(out_scale), "s1"), numpy_helper.from_array(np.float32(0.07), "s2"),
     ]  # fmt: skip
-    nodes = [
-        H.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q_in"),
-        H.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-        H.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
+    nodes += [
         H.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
         H.make_node("Add", ["c", "b"], ["cb"]),
         H.make_node("Clip", ["cb", "lo", "hi"], ["r"]) if clip_max is not None else H.make_node("Relu", ["cb"], ["r"]),
@@ -44,10 +40,7 @@ def _block(clip_max: float | None, out_scale: float, fan_out: bool = True) -> on
         H.make_node("QuantizeLinear", ["p", "s2", "zx"], ["q2"], name="q_two"),
         H.make_node("DequantizeLinear", ["q2", "s2", "zx"], ["y2"]),
     ][: None if fan_out else -3]  # fmt: skip
-    graph = H.make_graph(nodes, "block", [H.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                         [H.make_tensor_value_info(n, TensorProto.FLOAT, shape)
-                          for n, shape in (("y1", [1, 8, 8, 8]), ("y2", [1, 8, 4, 4]))[: 1 + fan_out]], inits)  # fmt: skip
-    return H.make_model(graph, opset_imports=[H.make_opsetid("", 21)])
+    return float_model("block", nodes, inits, [1, 3, 8, 8], [("y1", [1, 8, 8, 8]), ("y2", [1, 8, 4, 4])][: 1 + fan_out])
 
 
 def _inputs(n: int = 8) -> list[np.ndarray]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx_graphs import float_model, qdq_input_and_weight
 from statqat_ao.backends.onnx import kernel_ops, ort_session
 from statqat_ao.backends.onnx_integer import integer_convolutions
 
@@ -18,19 +19,10 @@ def _linear(bias_offset: float = 0.0) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     s_x, s_w = np.float32(0.02), rng.uniform(0.005, 0.02, N).astype(np.float32)
     bias = (rng.integers(-3000, 3000, N) * (s_x * s_w)).astype(np.float32) + np.float32(bias_offset)
-    inits = [
-        numpy_helper.from_array(s_x, "sx"), numpy_helper.from_array(np.int8(0), "zx"),
-        numpy_helper.from_array(rng.integers(-127, 128, (N, K)).astype(np.int8), "w"),
-        numpy_helper.from_array(s_w, "sw"), numpy_helper.from_array(np.zeros(N, np.int8), "zw"),
-        numpy_helper.from_array(bias, "b"),
-    ]  # fmt: skip
-    nodes = [
-        H.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), H.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-        H.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0), H.make_node("Gemm", ["xd", "wd", "b"], ["y"], transB=1),
-    ]  # fmt: skip
-    graph = H.make_graph(nodes, "linear", [H.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
-                         [H.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])], inits)  # fmt: skip
-    return H.make_model(graph, opset_imports=[H.make_opsetid("", 21)])
+    inits, nodes = qdq_input_and_weight(s_x, np.int8(0), rng.integers(-127, 128, (N, K)).astype(np.int8), s_w)
+    inits.append(numpy_helper.from_array(bias, "b"))
+    nodes.append(H.make_node("Gemm", ["xd", "wd", "b"], ["y"], transB=1))
+    return float_model("linear", nodes, inits, [1, K], [("y", [1, N])])
 
 
 def test_a_linear_with_an_int32_grid_bias_runs_as_qgemm():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx_graphs import float_model, qdq_input_and_weight
 from statqat_ao.backends.onnx import kernel_ops, ort_session
 from statqat_ao.backends.onnx_integer import integer_convolutions
 
@@ -18,23 +19,17 @@ def _head() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     s_x, s_w = np.float32(0.02), rng.uniform(0.005, 0.02, C_OUT).astype(np.float32)
     bias = (rng.integers(-2000, 2000, C_OUT) * (s_x * s_w)).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(s_x, "sx"), numpy_helper.from_array(np.int8(0), "zx"),
-        numpy_helper.from_array(rng.integers(-127, 128, (C_OUT, C_IN, 1, 1)).astype(np.int8), "w"),
-        numpy_helper.from_array(s_w, "sw"), numpy_helper.from_array(np.zeros(C_OUT, np.int8), "zw"),
+    inits, nodes = qdq_input_and_weight(s_x, np.int8(0), rng.integers(-127, 128, (C_OUT, C_IN, 1, 1)).astype(np.int8), s_w)
+    inits += [
         numpy_helper.from_array(bias.reshape(1, C_OUT, 1, 1), "b"),
         numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi"),
         numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
     ]  # fmt: skip
-    nodes = [
-        H.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), H.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-        H.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0), H.make_node("Conv", ["xd", "wd"], ["c"]),
-        H.make_node("Add", ["c", "b"], ["cb"]), H.make_node("Clip", ["cb", "lo", "hi"], ["r"]),
-        H.make_node("ReduceMean", ["r", "axes"], ["y"], keepdims=0),
+    nodes += [
+        H.make_node("Conv", ["xd", "wd"], ["c"]), H.make_node("Add", ["c", "b"], ["cb"]),
+        H.make_node("Clip", ["cb", "lo", "hi"], ["r"]), H.make_node("ReduceMean", ["r", "axes"], ["y"], keepdims=0),
     ]  # fmt: skip
-    graph = H.make_graph(nodes, "head", [H.make_tensor_value_info("x", TensorProto.FLOAT, [1, C_IN, 3, 3])],
-                         [H.make_tensor_value_info("y", TensorProto.FLOAT, [1, C_OUT])], inits)  # fmt: skip
-    return H.make_model(graph, opset_imports=[H.make_opsetid("", 21)])
+    return float_model("head", nodes, inits, [1, C_IN, 3, 3], [("y", [1, C_OUT])])
 
 
 def test_a_pointwise_conv_without_a_quantizer_runs_as_an_integer_matmul():
