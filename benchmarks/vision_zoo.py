@@ -7,7 +7,7 @@ INT8 activations):
 * ``sq``: ``sq.prepare_qat_fx(model, sq.statqat_qconfig, (x,))``;
 * ``torch.ao``: torch's ``prepare_qat_fx(model, sq.statqat_qconfig, (x,),
   prepare_custom_config=sq.torch_ao_prepare_custom_config(model))`` (a QConfigMapping), then
-  ``sq.torch_ao_exact_zero_batch_norm_weights`` on the prepared model (the README's recipe;
+  ``sq.torch_ao_finish_prepare`` on the prepared model (the README's recipe;
   ``--plain-torch-ao``: torch's call alone);
 * ``pt2e``: ``prepare_qat_pt2e(torch.export.export(model, (x,)).module(), sq.StatQATQuantizer())``,
   then torchao's ``move_exported_model_to_eval``.
@@ -45,6 +45,7 @@ MODELS = [
     "timm:efficientnet_b0",
     "torchvision:swin_t",
     "torchvision:vit",
+    "timm:ghostnet_100",
 ]
 
 
@@ -60,7 +61,7 @@ def _prepare(entry: str, model, x):
         if PLAIN_TORCH_AO:
             return prepare_qat_fx(model, sq.statqat_qconfig, (x,))
         qat = prepare_qat_fx(model, sq.statqat_qconfig, (x,), prepare_custom_config=sq.torch_ao_prepare_custom_config(model))
-        sq.torch_ao_exact_zero_batch_norm_weights(qat)
+        sq.torch_ao_finish_prepare(qat)
         return qat
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 

@@ -42,6 +42,7 @@ from .constants import constant_value, is_constant
 from .fold_bn import FoldedBatchNorm, deployed_fold, fold_scale
 from .functionalize import functionalize_weighted_modules
 from .trace import drop_string_annotations
+from .train_only_dropout import remove_baked_dropout
 
 
 def _quant_path(path: str) -> str:
@@ -94,6 +95,7 @@ def convert(prepared: nn.Module, inplace: bool = False) -> nn.Module:
     gm = prepared if inplace else copy.deepcopy(prepared)
     from_torch_ao = _prepared_by_torch_ao(gm)
     _to_eval(gm)
+    _remove_baked_dropout(gm)
     functionalize_weighted_modules(gm)
     graph = gm.graph
     cache: dict = {}
@@ -129,6 +131,20 @@ def convert(prepared: nn.Module, inplace: bool = False) -> nn.Module:
     if from_torch_ao:
         _warn_float_weights(gm)
     return gm
+
+
+def _remove_baked_dropout(gm: fx.GraphModule) -> None:
+    # A converted model is an eval artifact: a dropout call whose flag the trace fixed at
+    # True would keep it random, so it goes (the prepared model still drops out in eval).
+    removed = remove_baked_dropout(gm)
+    if removed:
+        warnings.warn(
+            f"statqat: {len(removed)} dropout call(s) in this graph had training=True baked in by the trace "
+            f"({', '.join(removed)}): the prepared model drops out in eval too, so it differs from this converted "
+            "model, which does not. For torch.ao's prepare_qat_fx call sq.torch_ao_finish_prepare(qat) before "
+            "training; sq.prepare_qat_fx makes such calls modules itself.",
+            stacklevel=3,
+        )
 
 
 def _prepared_by_torch_ao(gm: fx.GraphModule) -> bool:

@@ -79,3 +79,44 @@ def exact_zero_batch_norm_weights(model: torch.nn.Module) -> list[str]:
             module._enable_slow_path_for_better_numerical_stability = True
             switched.append(name)
     return switched
+
+
+def finish_prepare(model: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """The graph fixes a model from torch.ao's ``prepare_qat_fx`` needs before training;
+    returns the names each one changed.
+
+    * ``"exact_batch_norm_fold"``: fused conv-bn modules with a zero batch-norm weight,
+      switched to torch's exact fold (:func:`exact_zero_batch_norm_weights`).
+    * ``"dropout_modules"``: functional dropout calls (``F.dropout(x, p, training=self.training)``
+      in a forward that also holds layers, as in timm's ghostnet head) whose flag torch's
+      tracer baked in as ``True``, now ``nn.Dropout*`` modules that ``.eval()`` switches
+      (:mod:`statqat_ao.passes.train_only_dropout`). Without it the prepared model drops
+      out in eval, and ``sq.convert`` warns.
+
+    Call it on the prepared model, before training; ``prepare_custom_config=``
+    :func:`prepare_custom_config` covers the train-only modules, which must be kept whole
+    at trace time.
+
+    Example:
+        >>> import torch, statqat_ao as sq
+        >>> from torch.ao.quantization.quantize_fx import prepare_qat_fx
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(8, 4)
+        ...     def forward(self, x):
+        ...         return self.fc(torch.nn.functional.dropout(x, 0.5, training=self.training))
+        >>> x = torch.randn(16, 8)
+        >>> qat = prepare_qat_fx(Net().train(), sq.statqat_qconfig, (x,))
+        >>> sq.torch_ao_finish_prepare(qat)
+        {'exact_batch_norm_fold': [], 'dropout_modules': ['dropout']}
+        >>> _ = qat(x)
+        >>> bool(torch.equal(qat.eval()(x), qat(x)))
+        True
+    """
+    from .train_only_dropout import dropout_calls_as_modules
+
+    return {
+        "exact_batch_norm_fold": exact_zero_batch_norm_weights(model),
+        "dropout_modules": dropout_calls_as_modules(model, traced_training=True),
+    }

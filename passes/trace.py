@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from . import attention
+from .train_only_dropout import dropout_calls_as_modules
 
 
 class TraceError(RuntimeError):
@@ -112,6 +113,7 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
     gm = fx.GraphModule(model, graph, name)
     split_norm_act(gm)
+    dropout_calls_as_modules(gm, traced_training=getattr(model, "training", True))
     return gm
 
 
@@ -232,19 +234,9 @@ def drop_string_annotations(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _dropout_as_modules(gm: fx.GraphModule) -> None:
-    """Exported dropout nodes carry a fixed train flag: make them ``nn.Dropout`` modules,
-    so ``.train()`` / ``.eval()`` on the GraphModule switch them as on the original model."""
-    dropout_ops = (torch.ops.aten.dropout.default, torch.nn.functional.dropout)
-    for i, node in enumerate([n for n in gm.graph.nodes if n.op == "call_function" and n.target in dropout_ops]):
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        name = f"dropout_{i}"
-        gm.add_module(name, nn.Dropout(float(p)))
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (node.args[0],))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-    gm.recompile()
+    """Exported (in eval mode) dropout nodes carry a fixed train flag: make them ``nn.Dropout``
+    modules, so ``.train()`` / ``.eval()`` on the GraphModule switch them as on the original model."""
+    dropout_calls_as_modules(gm, traced_training=False)
     # ExportedProgram.module() refuses .train()/.eval(); with dropout as modules, the
     # plain nn.Module behaviour is the right one.
     gm.train = types.MethodType(nn.Module.train, gm)

@@ -48,6 +48,7 @@ __all__ = [
     "set_qat_mode",
     "torch_ao_prepare_custom_config",
     "torch_ao_exact_zero_batch_norm_weights",
+    "torch_ao_finish_prepare",
     "FakeQuantizer",
     "QuantSpec",
     "QuantizedParams",
@@ -92,6 +93,10 @@ def __getattr__(name: str):
         from statqat_ao.passes.torch_ao_config import exact_zero_batch_norm_weights
 
         return exact_zero_batch_norm_weights
+    if name == "torch_ao_finish_prepare":  # torch.ao's prepared model: the exact fold and dropout as modules
+        from statqat_ao.passes.torch_ao_config import finish_prepare
+
+        return finish_prepare
     if name == "StatQATConfig":  # torchao's quantize_ / QATConfig: imports torchao, registers our handlers
         from statqat_ao.frontends.torchao_qat import StatQATConfig
 
