@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 from torch.ao.quantization import QConfig, QConfigMapping
+from torch.ao.quantization.qconfig import default_reuse_input_qconfig
 
 from statqat_ao.estimators import ESTIMATORS, error_weighted_methods, online_methods
 from statqat_ao.numerics.blocks import Granularity
@@ -225,6 +226,10 @@ class StatQATQConfig(QConfigMapping):
 
         self.global_qconfig = torch_ao_qconfig(self.weight, self.activation)
         self.object_type_qconfigs.clear()
+        # As torch's default mapping: Tensor.reshape's output shares its input's quantizer. With
+        # the global qconfig, torch.ao would also quantize its shape argument when the shape is
+        # computed (x.shape[:-1] + (-1,) in timm's maxvit), and fail at the first step.
+        self.object_type_qconfigs["reshape"] = default_reuse_input_qconfig
         for module_type, cfg in self.type_overrides:
             self.object_type_qconfigs[module_type] = torch_ao_qconfig(cfg.weight, cfg.activation)
         self.module_name_regex_qconfigs.clear()

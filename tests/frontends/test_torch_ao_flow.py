@@ -172,3 +172,28 @@ def test_convert_names_the_weights_torch_aos_tracer_kept_float():
         converted = sq.convert(qat)
     assert "fc.weight" not in str(record[0].message)
     assert converted.get_submodule("fc").weight_quant.codes is not None
+
+
+class ComputedReshape(torch.nn.Module):
+    """timm's maxvit reshapes to a shape computed from the input's (x.shape[:-1] + (-1,))."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 8), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x.reshape(x.shape[:-1] + (2, -1)).transpose(-1, -2).reshape(x.shape[:-1] + (-1,))[..., :4])
+
+
+def test_a_computed_reshape_shape_gets_no_quantizer_under_torch_ao():
+    """With the global qconfig, torch.ao quantized reshape's shape argument (a tuple): the
+    first step raised inside our quantizer. As in torch's default mapping, reshape now shares
+    its input's quantizer."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    qat = prepare_qat_fx(ComputedReshape().train(), sq.statqat_qconfig, (x,))
+    qat(x).sum().backward()
+    qat.eval()
+    with torch.no_grad():
+        assert torch.equal(sq.convert(qat)(x), qat(x))
