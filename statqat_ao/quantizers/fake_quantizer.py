@@ -204,6 +204,11 @@ class FakeQuantizer(InputMomentsTracking, NonFiniteTracking, nn.Module):
         weight of (output-aware error: its second moments update with the statistics).
         """
         xs = (x, *shared)
+        if not all(isinstance(t, torch.Tensor) for t in xs):
+            raise TypeError(
+                f"{quantizer_name(self)} was called on a {', '.join(type(t).__name__ for t in xs)}, not a tensor: "
+                "the graph that inserted it quantizes a non-tensor value (a shape, an int). Give that op no qconfig."
+            )
         if shared and self.granularity != "tensor":
             raise ValueError(f"shared quantization is per tensor; this quantizer is per {self.granularity}")
         cold = self._scale_shape is None

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from helpers import digits, qat_losses
 from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_qat_fx
@@ -197,3 +198,9 @@ def test_a_computed_reshape_shape_gets_no_quantizer_under_torch_ao():
     qat.eval()
     with torch.no_grad():
         assert torch.equal(sq.convert(qat)(x), qat(x))
+
+
+def test_a_quantizer_called_on_a_shape_says_so():
+    fq = StatQATFakeQuantize(is_activation=True)
+    with pytest.raises(TypeError, match=r"called on a Size, not a tensor"):
+        fq(torch.Size([2, 3]))
