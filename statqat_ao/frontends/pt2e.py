@@ -282,10 +282,12 @@ class StatQATQuantizer(Quantizer):
     def prepare_obs_or_fq_callback(
         self, model: GraphModule, edge_or_node_to_obs_or_fq: dict
     ) -> None:
-        """Tell each shared fake-quantize module how many tensors it quantizes per forward, and
+        """Tell each shared fake-quantize module how many tensors it quantizes per forward,
         link each (and the stochastic-depth masks) to the graph, whose owner torchao's
-        ``move_exported_model_to_eval`` switches."""
-        _refuse_zero_batch_norm_weights(model)
+        ``move_exported_model_to_eval`` switches, and keep torchao's conv-bn fusion finite
+        where a batch-norm weight is 0 (:func:`exact_zero_batch_norm_weights`; it runs after
+        the fusion, before torchao inserts the fake quantizes)."""
+        exact_zero_batch_norm_weights(model)
         for module in model.modules():
             if isinstance(module, TrainOnlyBernoulli):
                 module.link_to_graph(model.graph)
@@ -370,11 +372,21 @@ _ANNOTATORS: dict[Any, Callable[[StatQATQuantizer, Node, ModuleQConfig], dict]] 
 }
 
 
-def _refuse_zero_batch_norm_weights(model: GraphModule) -> None:
-    """torchao's conv-bn QAT fusion computes ``conv(x, w * g / std) / (g / std)``: 0 / 0 for a
-    batch-norm weight ``g`` of 0 (timm's ``zero_init_last``, torchvision's
-    ``zero_init_residual``), NaN from the first training step. Refuse before it runs."""
-    for node in model.graph.nodes:
+def exact_zero_batch_norm_weights(model: GraphModule) -> list[str]:
+    """In place: torchao's conv-bn QAT fusion computes ``conv(x, fq(w * s)) / s`` with
+    ``s = g / std``, 0 / 0 = NaN from the first step for a batch-norm weight ``g`` of 0
+    (timm's ``zero_init_last``, torchvision's ``zero_init_residual``). Where ``g`` holds a 0
+    at prepare, ``s`` reads ``where(g == 0, 1, g) / std`` instead; returns those weights' names.
+
+    The batch norm after it still applies the true ``g``, so a zero channel outputs exactly
+    ``beta``, in training and in eval, as the float model does, and ``g``'s gradient reads
+    batch statistics of ``conv(x, fq(w / std)) * std``, the un-scaled conv output the fusion
+    approximates everywhere else (a second, float conv as torch.ao's exact fold runs is not
+    needed). Deployed, such a channel's codes meet a ``g`` of 0: its output is ``beta`` bit
+    for bit. torchao's ``convert_pt2e`` does not fold these (its pattern no longer matches);
+    ``sq.convert`` takes them."""
+    changed = []
+    for node in list(model.graph.nodes):
         if node.target != aten.div.Tensor or len(node.args) < 2:
             continue
         gamma, std = node.args[:2]
@@ -384,14 +396,16 @@ def _refuse_zero_batch_norm_weights(model: GraphModule) -> None:
             weight = model.get_parameter(gamma.target)
         except AttributeError:  # a buffer: not a trained batch-norm weight
             continue
-        zeros = int((weight == 0).sum())
-        if zeros:
-            raise ValueError(
-                f"batch norm weight {gamma.target!r} is 0 in {zeros} of {weight.numel()} channels (timm's zero_init_last, "
-                "torchvision's zero_init_residual): torchao's conv-bn QAT fusion divides the conv output by it, "
-                "0/0 = NaN at the first training step. Prepare with sq.prepare_qat_fx (its fold takes a zero weight "
-                "exactly), or build the model without zero-initialised batch norms (timm: zero_init_last=False)."
-            )
+        if not bool((weight == 0).any()):
+            continue
+        with model.graph.inserting_before(node):
+            is_zero = model.graph.call_function(aten.eq.Scalar, (gamma, 0))
+            nonzero = model.graph.call_function(aten.where.ScalarSelf, (is_zero, 1.0, gamma))
+        node.replace_input_with(gamma, nonzero)
+        changed.append(gamma.target)
+    if changed:
+        model.recompile()
+    return changed
 
 
 def _check_shape(spec: QuantSpec, arg: Node, node: Node, what: str) -> None:

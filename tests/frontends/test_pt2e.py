@@ -424,10 +424,39 @@ def test_a_tensor_read_by_two_fused_conv_bn_layers_prepares_and_deploys(digits):
         assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
 
 
-def test_a_zero_batch_norm_weight_is_refused_before_torchaos_fusion_divides_by_it():
-    """timm's zero_init_last: torchao's conv-bn QAT fusion gave NaN at the first step."""
+def test_a_zero_batch_norm_weight_learns_as_in_the_float_model_and_deploys_exactly(digits):
+    """timm's zero_init_last: torchao's conv-bn QAT fusion divides the conv output by gamma,
+    NaN at the first step (refused before). With fake quantization off, the prepared graph
+    must be the float model: same output, and gamma's gradient the float model's (a zero
+    gradient would leave the residual branch dead for good). With it on, training moves
+    gamma off 0 and sq.convert equals the prepared model in eval."""
+    x, y = digits
+    images = x.reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
     model = ProjectedResidual().train()
     nn.init.zeros_(model.f[4].weight)
-    exported = torch.export.export(model, (torch.randn(4, 1, 8, 8),)).module()
-    with pytest.raises(ValueError, match=r"'f\.4\.weight' is 0 in 16 of 16 channels.*sq\.prepare_qat_fx"):
-        prepare_qat_pt2e(exported, StatQATQuantizer())
+    float_model = copy.deepcopy(model)
+    prepared = prepare_qat_pt2e(torch.export.export(model, (images[:BATCH],)).module(), StatQATQuantizer())
+    for m in prepared.modules():
+        if isinstance(m, StatQATPT2EFakeQuantize):
+            m.disable_fake_quant()
+    batch, labels = images[:BATCH], y[:BATCH]
+    # conv(x, w / std) * std against conv(x, w): float32 rounding over a 72-term conv, ~1e-6 relative.
+    torch.testing.assert_close(prepared(batch), float_model(batch), rtol=1e-4, atol=1e-5)
+    for net in (prepared, float_model):
+        F.cross_entropy(net(batch), labels).backward()
+    want = float_model.f[4].weight.grad
+    assert want.abs().min() > 0
+    torch.testing.assert_close(prepared.get_parameter("f.4.weight").grad, want, rtol=1e-3, atol=1e-6)
+    for m in prepared.modules():
+        if isinstance(m, StatQATPT2EFakeQuantize):
+            m.enable_fake_quant()
+    prepared.zero_grad()
+    train(prepared, images, y, steps=3)
+    assert bool((prepared.get_parameter("f.4.weight") != 0).all())  # the branch learns
+    move_exported_model_to_eval(prepared)
+    test = images[-BATCH:]
+    with torch.no_grad():
+        reference = prepared(test)
+        assert torch.isfinite(reference).all()
+        assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
