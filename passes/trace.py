@@ -17,6 +17,7 @@ import os
 import sys
 import traceback
 import types
+import warnings
 
 import torch
 from torch import fx, nn
@@ -180,7 +181,9 @@ def trace(
     fx_error: BaseException | None = None
     if method in ("auto", "fx") and not isinstance(model, fx.GraphModule):
         try:
-            return drop_string_annotations(symbolic_trace(model)), "fx"
+            gm = drop_string_annotations(symbolic_trace(model))
+            warn_if_mode_changes_graph(model, gm)
+            return gm, "fx"
         except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
             fx_error = exc
             if method == "fx":
@@ -218,6 +221,47 @@ def trace(
     gm = ep.module()
     _dropout_as_modules(gm)
     return gm, "export"
+
+
+def _ops(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    return [(n.op, str(n.target)) for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def warn_if_mode_changes_graph(model: nn.Module, gm: fx.GraphModule) -> bool:
+    """Warn (and return True) if ``model`` traced in the other mode gives another graph.
+
+    A forward that branches on ``self.training`` outside the modules the trace keeps whole
+    (torchvision's googlenet and inception_v3 run and return their auxiliary heads in
+    training only) is traced once, in the model's current mode: ``.eval()`` on the prepared
+    model does not switch that branch.
+    """
+    if not isinstance(model, nn.Module):
+        return False
+    mode = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a frozen batch norm stays in eval
+    try:
+        model.train(not mode)
+        other = symbolic_trace(model)
+    except Exception:  # the other mode does not trace: nothing to compare
+        return False
+    finally:
+        for m, training in modes:
+            m.training = training
+    ops, other_ops = _ops(gm), _ops(other)
+    if ops == other_ops:
+        return False
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    first = next((i for i, (a, b) in enumerate(zip(ops, other_ops, strict=False)) if a != b), min(len(ops), len(other_ops)))
+    where = f" (the graphs part at node {nodes[first].name!r})" if first < len(nodes) else ""
+    warnings.warn(
+        f"statqat: {type(model).__name__}'s forward branches on self.training outside a module{where}: it was "
+        f"traced in {'training' if mode else 'eval'} mode, and .train() / .eval() on the prepared model do not "
+        "switch that branch (torchvision's googlenet / inception_v3 keep running and returning their auxiliary "
+        "heads in eval). Build the model without the branch (torchvision: aux_logits=False), or move it into a "
+        "submodule without parameters, which the trace keeps whole.",
+        stacklevel=4,
+    )
+    return True
 
 
 def drop_string_annotations(gm: fx.GraphModule) -> fx.GraphModule:

@@ -320,3 +320,43 @@ def test_batch_norm_folded_weights_are_not_called_float():
         warnings.simplefilter("error", UserWarning)
         qat = sq.prepare_qat_fx(DigitsCNN(width=8).eval(), sq.get_statqat_qconfig("int4", None), (torch.randn(2, 1, 8, 8),))
     assert {"stem.weight_fake_quant", "dw.weight_fake_quant"} <= _fq_paths(qat)
+
+
+class AuxHead(nn.Module):
+    """googlenet's shape: an auxiliary head run and returned in training only."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux, self.fc = nn.Linear(8, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.body(x)
+        if self.training:
+            return self.fc(x), self.aux(x)
+        return self.fc(x)
+
+
+class FunctionalDropoutHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.dropout(x, 0.5, training=self.training))
+
+
+def test_a_forward_that_branches_on_the_mode_is_named_at_prepare():
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match=r"AuxHead's forward branches on self\.training .*node 'aux'"):
+        sq.prepare_qat_fx(AuxHead().train(), sq.statqat_qconfig, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # F.dropout(training=self.training) follows the mode: no branch, silent
+        sq.prepare_qat_fx(FunctionalDropoutHead().train(), sq.statqat_qconfig, (x,))
+
+
+def test_prepare_keeps_each_submodules_mode():
+    """A batch norm frozen in eval inside a training model (fine-tuning) stays in eval."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).train()
+    model[1].eval()
+    sq.prepare_qat_fx(model, sq.statqat_qconfig, (torch.randn(4, 8),))
+    assert model.training and not model[1].training

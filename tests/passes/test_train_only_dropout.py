@@ -106,3 +106,4 @@ def test_convert_removes_a_baked_dropout_and_says_how_to_keep_train_equal_to_dep
         warnings.simplefilter("error")  # nothing baked left: a second convert is silent
         sq.torch_ao_finish_prepare(qat)
         sq.convert(qat)
+
