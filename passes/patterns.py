@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -160,11 +161,32 @@ def is_float_activation(node, allow_inputs: bool = True) -> bool:
     if node.op == "placeholder" and not allow_inputs:
         return False
     val = node.meta.get("val", node.meta.get("tensor_meta"))
-    if val is not None and hasattr(val, "shape") and any(isinstance(d, int) and d == 0 for d in val.shape):
+    if val is None:  # torch.fx records no values: judge by what the node computes
+        return not is_shape_value(node)
+    if not hasattr(val, "dtype"):  # a SymInt or a Python number (torch.export's shape arithmetic)
         return False
-    if val is not None and hasattr(val, "dtype"):
-        return val.dtype.is_floating_point
-    return True
+    if hasattr(val, "shape") and any(isinstance(d, int) and d == 0 for d in val.shape):
+        return False
+    return val.dtype.is_floating_point
+
+
+_SHAPE_METHODS = ("size", "dim", "numel")
+_SHAPE_ATTRIBUTES = ("shape", "ndim")
+_SCALAR_OPS = (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+               operator.mod, operator.neg, math.ceil, math.floor, int, len)  # fmt: skip
+
+
+def is_shape_value(node: fx.Node) -> bool:
+    """Whether an fx node holds a shape or a number computed from shapes (``x.shape[-1] + 1``,
+    ``x.size(2) // 7``), not a tensor."""
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES
+    if node.op == "call_function" and node.target in _SCALAR_OPS:
+        operands = node.all_input_nodes
+        return bool(operands) and all(is_shape_value(a) for a in operands)
+    return False
 
 
 def enclosing_module(node: fx.Node) -> tuple[str, type | str | None]:

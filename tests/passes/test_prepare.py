@@ -360,3 +360,29 @@ def test_prepare_keeps_each_submodules_mode():
     model[1].eval()
     sq.prepare_qat_fx(model, sq.statqat_qconfig, (torch.randn(4, 8),))
     assert model.training and not model[1].training
+
+
+class ShapeArithmetic(nn.Module):
+    """tiny_vit's shape: numbers computed from shapes are added (padding sizes), next to a real residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        pad = (x.shape[-1] + x.size(0)) % 4
+        return torch.nn.functional.pad(y + torch.relu(x), (0, pad))
+
+
+@pytest.mark.parametrize("trace_method", ["fx", "export"])
+def test_numbers_computed_from_shapes_get_no_quantizer(trace_method):
+    x = torch.randn(3, 8)
+    qat = sq.prepare_qat_fx(ShapeArithmetic(), sq.statqat_qconfig, (x,), trace_method=trace_method)
+    shared = [n for n in qat.graph.nodes if n.op == "call_module" and n.target.startswith("add") and "fake_quant" in n.target]
+    assert len(shared) == 1  # the residual add only (it raised on the shape add before)
+    out = qat(x)
+    assert out.shape == (3, 11)
+    qat.eval()
+    with torch.no_grad():
+        assert torch.equal(sq.convert(qat)(x), qat(x))
