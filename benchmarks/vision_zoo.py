@@ -19,7 +19,7 @@ as codes); for ``sq`` also compile (two ``torch.compile(backend=aot_eager)``
 training steps finite; ``--compile``). A stage that raises shows the error's type and the
 start of its message.
 
-Usage: python benchmarks/vision_zoo.py [--models ...] [--entries sq torch.ao pt2e] [--compile] [--out zoo.json]
+Usage: python benchmarks/vision_zoo.py [--models ...|--wide] [--entries sq torch.ao pt2e] [--compile] [--out zoo.json]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import warnings
 import torch
 
 import statqat_ao as sq
-from statqat_ao.models.vision import build_classifier
+from statqat_ao.models.vision import build_classifier, import_vision
 
 MODELS = [
     "torchvision:resnet18",
@@ -49,7 +49,32 @@ MODELS = [
 ]
 
 
+# --wide: 38 more torchvision / timm classifiers, as a user would try them. "name@img_size=64":
+# a timm model built for another input size gets 64 (its position tables are sized by it).
+WIDE = [
+    *(f"torchvision:{a}" for a in ("resnet50", "densenet121", "vgg11_bn", "squeezenet1_0", "efficientnet_v2_s",
+                                   "mnasnet0_5", "resnext50_32x4d", "mobilenet_v3_large", "regnet_x_400mf",
+                                   "alexnet", "swin_v2_t")),
+    *(f"timm:{a}" for a in ("vit_tiny_patch16_224@img_size=64", "deit_tiny_patch16_224@img_size=64", "convnext_atto",
+                            "mobilenetv3_small_050", "resnet50d", "regnetx_002", "mobilevit_xxs", "ghostnet_100",
+                            "repvgg_a0", "rexnet_100", "cspdarknet53", "dla34", "lcnet_050", "poolformer_s12",
+                            "edgenext_xx_small", "tiny_vit_5m_224", "fastvit_t8", "mobileone_s0",
+                            "res2net50_26w_4s", "levit_128s@img_size=64", "hgnetv2_b0",
+                            "mixer_s16_224@img_size=64", "resmlp_12_224@img_size=64",
+                            "coatnet_nano_rw_224@img_size=64", "maxvit_nano_rw_256@img_size=64", "efficientvit_b0",
+                            "seresnext26d_32x4d")),
+]  # fmt: skip
+
 PLAIN_TORCH_AO = False  # --plain-torch-ao
+
+
+def _build(name: str):
+    if "@" not in name:
+        return build_classifier(name, num_classes=10)
+    name, setting = name.split("@")
+    key, value = setting.split("=")
+    _, timm = import_vision()
+    return timm.create_model(name.split(":")[1], pretrained=False, num_classes=10, **{key: int(value)})
 
 
 def _prepare(entry: str, model, x):
@@ -102,7 +127,7 @@ def run(name: str, entry: str, compile_step: bool) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = build_classifier(name, num_classes=10).train()
+            model = _build(name).train()
             weight_matrices = sum(n.endswith("weight") and p.dim() >= 2 for n, p in model.named_parameters())
             qat = _prepare(entry, model, x)
         row[stage] = "ok"
@@ -145,6 +170,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--wide", action="store_true", help=f"the {len(WIDE)} models of the wider probe instead")
     parser.add_argument("--entries", nargs="+", default=["sq", "torch.ao", "pt2e"], choices=["sq", "torch.ao", "pt2e"])
     parser.add_argument("--compile", action="store_true", help="also two aot_eager-compiled steps (sq entry point)")
     parser.add_argument("--plain-torch-ao", action="store_true", help="torch.ao: torch's prepare_qat_fx call alone")
@@ -154,7 +180,7 @@ def main() -> None:
     PLAIN_TORCH_AO = args.plain_torch_ao
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
-    for name in args.models:
+    for name in WIDE if args.wide else args.models:
         for entry in args.entries:
             rows.append(run(name, entry, args.compile))
             print(json.dumps(rows[-1]), flush=True)
