@@ -115,7 +115,22 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     gm = fx.GraphModule(model, graph, name)
     split_norm_act(gm)
     dropout_calls_as_modules(gm, traced_training=getattr(model, "training", True))
+    drop_identities(gm)
     return gm
+
+
+def drop_identities(gm: fx.GraphModule) -> None:
+    """In place: calls of ``nn.Identity`` (timm's ``drop_block`` / ``aa`` placeholders between a
+    conv and its activation) are bypassed, so patterns that span them (a GEMM, its ReLU, the
+    next quantize) match as in a model without them."""
+    dropped = False
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity and len(node.args) == 1 and not node.kwargs:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropped = True
+    if dropped:
+        gm.recompile()
 
 
 def split_norm_act(gm: fx.GraphModule) -> None:

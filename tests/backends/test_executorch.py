@@ -11,6 +11,7 @@ from backend_models import converted
 from statqat_ao.backends import executorch as et
 from statqat_ao.backends.executorch_graph import rewrite_static
 from statqat_ao.backends.parity import ParityError, UnsupportedModelError, check_parity
+from torch import nn
 
 import statqat_ao as sq
 
@@ -182,3 +183,33 @@ def test_layer_by_layer_check_when_the_end_to_end_one_fails(tmp_path, monkeypatc
         reference = [tampered(x)]
     with pytest.raises(ParityError, match=r"2\.input_quant: .* differ"):
         et._check_layers(tampered, gm, (x,), outputs, reference, ParityError("end to end"))
+
+
+class ConvBlockWithPlaceholders(nn.Module):
+    """timm's resnet blocks: nn.Identity placeholders (drop_block, aa) between a conv's
+    activation and the next conv."""
+
+    def __init__(self, placeholders: bool):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.drop_block = nn.Identity() if placeholders else None
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        if self.drop_block is not None:
+            x = self.drop_block(x)
+        return self.conv2(x)
+
+
+def test_identity_placeholders_do_not_keep_a_conv_off_the_int8_path():
+    """With the Identity left in the graph, conv1 was not seen as requantized and ran in
+    fp32 (timm's resnet18: 10 of 21 GEMMs; its XNNPACK program then failed at run time)."""
+    x = torch.randn(2, 3, 8, 8)
+    counts = []
+    for placeholders in (False, True):
+        torch.manual_seed(0)
+        qat = sq.prepare_qat_fx(ConvBlockWithPlaceholders(placeholders).train(), sq.get_statqat_qconfig("int8", "int8"), (x,))
+        assert not any(n.op == "call_module" and n.target == "drop_block" for n in qat.graph.nodes)
+        counts.append(rewrite_static(sq.convert(qat))[1])
+    assert counts[0] == counts[1] == {"int8_gemms": 1, "fp32_gemms": 1}

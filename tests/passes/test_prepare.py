@@ -386,3 +386,24 @@ def test_numbers_computed_from_shapes_get_no_quantizer(trace_method):
     qat.eval()
     with torch.no_grad():
         assert torch.equal(sq.convert(qat)(x), qat(x))
+
+
+class InPlaceResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.a(x)
+        y += torch.relu(self.b(x))  # in place, as some timm / HF blocks write it: fx records an add
+        return y
+
+
+def test_an_in_place_residual_add_gets_its_shared_quantizer():
+    x = torch.randn(4, 8)
+    qat = sq.prepare_qat_fx(InPlaceResidual(), sq.statqat_qconfig, (x,))
+    assert any(n.op == "call_module" and n.target == "add_fake_quant" for n in qat.graph.nodes)
+    qat(x)
+    qat.eval()
+    with torch.no_grad():
+        assert torch.equal(sq.convert(qat)(x), qat(x))
