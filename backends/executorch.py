@@ -39,6 +39,7 @@ from __future__ import annotations
 import operator
 import os
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,14 @@ def export(
     from . import executorch_graph as rewrite
 
     gm, gemms = rewrite.rewrite_dynamic(graph) if dynamic else rewrite.rewrite_static(graph)
+    if not dynamic and gemms["fp32_gemms"] and not gemms["int8_gemms"]:
+        warnings.warn(
+            f"statqat: none of this model's {gemms['fp32_gemms']} GEMMs runs on XNNPACK's int8 kernels: an int8 "
+            "GEMM needs its output quantized, and here each GEMM's output feeds an op the quantizers (on layer "
+            "inputs) leave float (SiLU, GELU, LayerNorm, the model output). The program computes the converted "
+            "model in fp32 on the dequantized weights, which it stores as float.",
+            stacklevel=2,
+        )
     edge = _lower(gm if wrap is None else CausalLMLogits(wrap(gm)), inputs)
     delegated, outside = _delegation(edge.exported_program().graph_module)
     _check_delegated(outside, gemms)

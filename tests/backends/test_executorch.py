@@ -213,3 +213,15 @@ def test_identity_placeholders_do_not_keep_a_conv_off_the_int8_path():
         assert not any(n.op == "call_module" and n.target == "drop_block" for n in qat.graph.nodes)
         counts.append(rewrite_static(sq.convert(qat))[1])
     assert counts[0] == counts[1] == {"int8_gemms": 1, "fp32_gemms": 1}
+
+
+def test_a_model_with_no_int8_gemm_says_so(tmp_path):
+    """GEMM outputs that feed GELU (timm's ViT, convnext) are not quantized, so XNNPACK runs
+    them in fp32: the export is exact but not int8, and says so."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    qat = sq.prepare_qat_fx(model, sq.get_statqat_qconfig("int8", "int8"), (x,))
+    with pytest.warns(UserWarning, match=r"none of this model's 2 GEMMs runs on XNNPACK's int8 kernels"):
+        report = et.export(sq.convert(qat), (x,), tmp_path / "gelu.pte")
+    assert report.gemms == {"int8_gemms": 0, "fp32_gemms": 2}
