@@ -266,6 +266,15 @@ def _use_float_weight(gm, gemm: fx.Node) -> None:
     p.register_buffer("xnnpack_float_weight", p.dequantize())  # convert's own (codes - zp) * scale
     with gm.graph.inserting_before(gemm):
         gemm.replace_input_with(dq, gm.graph.get_attr(f"{path}.xnnpack_float_weight"))
+    act = _arg(gemm, 0)
+    if _is_act_dq(act) and len(act.users) > 1:
+        # XNNPACK takes a dequantize shared with an int8 consumer as this GEMM's quantized
+        # input, and then refuses the float weight beside it ("Weight and Input should both
+        # be quantized", timm's ghostnet): this GEMM reads a dequantize of its own.
+        with gm.graph.inserting_before(gemm):
+            own = gm.graph.call_function(act.target, act.args, act.kwargs)
+        own.meta = dict(act.meta)
+        gemm.replace_input_with(act, own)
 
 
 # ---- graph queries -------------------------------------------------------------------

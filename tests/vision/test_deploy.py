@@ -47,3 +47,22 @@ def test_a_trained_w8a8_cnn_exports_to_onnx_and_executorch(name, integer_convs, 
         program = executorch.export(converted, (x_test[:1],), tmp_path / "model.pte")
     assert program.gemms["int8_gemms"] >= integer_convs
     assert all(layer.within_ties for layer in program.layers)
+
+
+@pytest.mark.parametrize("name, int8_gemms", [("timm:resnet18", 19), ("timm:ghostnet_100", 51)])
+def test_timm_cnns_lower_to_executorch_with_their_int8_gemms(name, int8_gemms, tmp_path):
+    """timm's resnet18 (nn.Identity placeholders between a conv's ReLU and the next conv: 10
+    convs ran in fp32 and the program failed at run time) and ghostnet (a dequantize shared
+    by an int8 conv and an fp32 one: XNNPACK refused the lowering). Random init, 3 steps."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)
+    qat = sq.prepare_qat_fx(build_classifier(name, num_classes=10).train(), sq.get_statqat_qconfig("int8", "int8"), (x,))
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3, momentum=0.9)
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(qat(x), torch.arange(4)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = executorch.export(sq.convert(qat), (x,), tmp_path / "model.pte")
+    assert program.gemms["int8_gemms"] == int8_gemms
