@@ -354,13 +354,6 @@ def test_a_forward_that_branches_on_the_mode_is_named_at_prepare():
         sq.prepare_qat_fx(FunctionalDropoutHead().train(), sq.statqat_qconfig, (x,))
 
 
-def test_prepare_keeps_each_submodules_mode():
-    """A batch norm frozen in eval inside a training model (fine-tuning) stays in eval."""
-    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).train()
-    model[1].eval()
-    sq.prepare_qat_fx(model, sq.statqat_qconfig, (torch.randn(4, 8),))
-    assert model.training and not model[1].training
-
 
 class ShapeArithmetic(nn.Module):
     """tiny_vit's shape: numbers computed from shapes are added (padding sizes), next to a real residual add."""
