@@ -197,12 +197,13 @@ def trace(
     if method in ("auto", "fx") and not isinstance(model, fx.GraphModule):
         try:
             gm = drop_string_annotations(symbolic_trace(model))
-            warn_if_mode_changes_graph(model, gm)
-            return gm, "fx"
         except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
             fx_error = exc
             if method == "fx":
                 raise TraceError(_fx_message(model, exc)) from exc
+        else:
+            warn_if_mode_changes_graph(model, gm)  # outside the try: a warning raised as an error is no fx failure
+            return gm, "fx"
     elif isinstance(model, fx.GraphModule) and method != "export":
         return model, "fx"
     if example_inputs is None:
@@ -272,8 +273,7 @@ def warn_if_mode_changes_graph(model: nn.Module, gm: fx.GraphModule) -> bool:
         f"statqat: {type(model).__name__}'s forward branches on self.training outside a module{where}: it was "
         f"traced in {'training' if mode else 'eval'} mode, and .train() / .eval() on the prepared model do not "
         "switch that branch (torchvision's googlenet / inception_v3 keep running and returning their auxiliary "
-        "heads in eval). Build the model without the branch (torchvision: aux_logits=False), or move it into a "
-        "submodule without parameters, which the trace keeps whole.",
+        "heads in eval). Build the model without the branch (torchvision: aux_logits=False).",
         stacklevel=4,
     )
     return True
