@@ -13,6 +13,7 @@ import torch
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 
 from .trace import reads_training_flag
+from .train_only_dropout import dropout_calls_as_modules
 
 
 def prepare_custom_config(model: torch.nn.Module, config: PrepareCustomConfig | None = None) -> PrepareCustomConfig:
@@ -114,8 +115,6 @@ def finish_prepare(model: torch.fx.GraphModule) -> dict[str, list[str]]:
         >>> bool(torch.equal(qat.eval()(x), qat(x)))
         True
     """
-    from .train_only_dropout import dropout_calls_as_modules
-
     return {
         "exact_batch_norm_fold": exact_zero_batch_norm_weights(model),
         "dropout_modules": dropout_calls_as_modules(model, traced_training=True),

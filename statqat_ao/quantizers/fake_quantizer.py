@@ -204,7 +204,7 @@ class FakeQuantizer(InputMomentsTracking, NonFiniteTracking, nn.Module):
         weight of (output-aware error: its second moments update with the statistics).
         """
         xs = (x, *shared)
-        if not all(isinstance(t, torch.Tensor) for t in xs):
+        if not isinstance(x, torch.Tensor) or (shared and not all(isinstance(t, torch.Tensor) for t in shared)):
             raise TypeError(
                 f"{quantizer_name(self)} was called on a {', '.join(type(t).__name__ for t in xs)}, not a tensor: "
                 "the graph that inserted it quantizes a non-tensor value (a shape, an int). Give that op no qconfig."

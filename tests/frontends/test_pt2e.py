@@ -407,6 +407,21 @@ class ProjectedResidual(nn.Module):
         return self.fc(torch.relu(self.proj(x) + self.f(x)).flatten(1))
 
 
+def _assert_eval_converts_exactly(prepared, test: torch.Tensor) -> None:
+    """In eval the prepared model is finite and sq.convert equals it bit for bit."""
+    move_exported_model_to_eval(prepared)
+    with torch.no_grad():
+        reference = prepared(test)
+        assert torch.isfinite(reference).all()
+        assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
+
+
+def _enable_fake_quant(prepared, enabled: bool) -> None:
+    for m in prepared.modules():
+        if isinstance(m, StatQATPT2EFakeQuantize):
+            m.enable_fake_quant(enabled)
+
+
 def test_a_tensor_read_by_two_fused_conv_bn_layers_prepares_and_deploys(digits):
     """torchao's conv-bn fusion reorders the two convs that read the stem's output; a spec
     shared from one conv's input edge to the other's failed prepare (AssertionError on
@@ -416,12 +431,7 @@ def test_a_tensor_read_by_two_fused_conv_bn_layers_prepares_and_deploys(digits):
     torch.manual_seed(0)
     prepared = prepare_qat_pt2e(torch.export.export(ProjectedResidual().train(), (images[:BATCH],)).module(), StatQATQuantizer())
     train(prepared, images, y, steps=3)
-    move_exported_model_to_eval(prepared)
-    test = images[-BATCH:]
-    with torch.no_grad():
-        reference = prepared(test)
-        assert torch.isfinite(reference).all()
-        assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
+    _assert_eval_converts_exactly(prepared, images[-BATCH:])
 
 
 def test_a_zero_batch_norm_weight_learns_as_in_the_float_model_and_deploys_exactly(digits):
@@ -437,9 +447,7 @@ def test_a_zero_batch_norm_weight_learns_as_in_the_float_model_and_deploys_exact
     nn.init.zeros_(model.f[4].weight)
     float_model = copy.deepcopy(model)
     prepared = prepare_qat_pt2e(torch.export.export(model, (images[:BATCH],)).module(), StatQATQuantizer())
-    for m in prepared.modules():
-        if isinstance(m, StatQATPT2EFakeQuantize):
-            m.disable_fake_quant()
+    _enable_fake_quant(prepared, False)
     batch, labels = images[:BATCH], y[:BATCH]
     # conv(x, w / std) * std against conv(x, w): float32 rounding over a 72-term conv, ~1e-6 relative.
     torch.testing.assert_close(prepared(batch), float_model(batch), rtol=1e-4, atol=1e-5)
@@ -448,15 +456,8 @@ def test_a_zero_batch_norm_weight_learns_as_in_the_float_model_and_deploys_exact
     want = float_model.f[4].weight.grad
     assert want.abs().min() > 0
     torch.testing.assert_close(prepared.get_parameter("f.4.weight").grad, want, rtol=1e-3, atol=1e-6)
-    for m in prepared.modules():
-        if isinstance(m, StatQATPT2EFakeQuantize):
-            m.enable_fake_quant()
+    _enable_fake_quant(prepared, True)
     prepared.zero_grad()
     train(prepared, images, y, steps=3)
     assert bool((prepared.get_parameter("f.4.weight") != 0).all())  # the branch learns
-    move_exported_model_to_eval(prepared)
-    test = images[-BATCH:]
-    with torch.no_grad():
-        reference = prepared(test)
-        assert torch.isfinite(reference).all()
-        assert torch.equal(sq.convert(copy.deepcopy(prepared))(test), reference)
+    _assert_eval_converts_exactly(prepared, images[-BATCH:])
