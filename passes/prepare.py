@@ -251,6 +251,7 @@ def prepare_qat_fx(
             f"qconfig must be a StatQATQConfig (sq.get_statqat_qconfig(...)), got {type(qconfig).__name__}"
         )
     training = model.training
+    modes = {name: m.training for name, m in model.named_modules()}
     causal_lm = is_causal_lm(model)
     source = copy.deepcopy(model)
     if causal_lm:  # a Hugging Face decoder: export with the KV cache off, GPT-2's Conv1D as linears
@@ -292,7 +293,17 @@ def prepare_qat_fx(
         )
     _initialize(gm, inserter, example_inputs, example_kwargs)
     gm.train(training)
+    _restore_modes(gm, modes)
     return wrap_prepared(model, gm, example_kwargs) if causal_lm else gm
+
+
+def _restore_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
+    """Each module the model had takes back its own mode: a batch norm frozen with ``.eval()``
+    inside a training model stays frozen (its folded form included, which keeps its name).
+    Modules the pass added (quantizers) follow the model's mode."""
+    for name, module in gm.named_modules():
+        if name in modes:
+            module.training = modes[name]
 
 
 @torch.no_grad()
@@ -307,15 +318,16 @@ def _initialize(gm: fx.GraphModule, inserter: _Inserter, example_inputs, example
     statistics are restored afterwards.
     """
     was_training = gm.training
+    norms = [m for m in gm.modules() if isinstance(m, (FoldedBatchNorm, nn.modules.batchnorm._BatchNorm))]
+    trained_norms = [m for m in norms if m.training]  # a frozen one normalises with its running statistics
     gm.eval()
     cache: dict = {}
     for fq_node in inserter.weight_fq.values():
         fq = gm.get_submodule(fq_node.target)
         fq(constant_value(fq_node.args[0], gm, cache))
     if example_inputs is not None:
-        norms = [m for m in gm.modules() if isinstance(m, (FoldedBatchNorm, nn.modules.batchnorm._BatchNorm))]
         saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms]
-        for m in norms if was_training else ():
+        for m in trained_norms:
             m.train()
         try:
             gm(*example_inputs, **(example_kwargs or {}))

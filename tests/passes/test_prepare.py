@@ -400,3 +400,21 @@ def test_an_in_place_residual_add_gets_its_shared_quantizer():
     qat.eval()
     with torch.no_grad():
         assert torch.equal(sq.convert(qat)(x), qat(x))
+
+
+def test_a_batch_norm_frozen_with_eval_stays_frozen_through_prepare():
+    # Fine-tuning with frozen batch norms: the model trains, one norm was put in eval.
+    torch.manual_seed(0)
+    model = DigitsCNN().train()
+    with torch.no_grad():
+        model.stem_bn.running_mean.normal_(0, 0.1)
+        model.stem_bn.running_var.uniform_(0.5, 2.0)
+    model.stem_bn.eval()
+    x = digits()[0][:64]
+    qat = sq.prepare_qat_fx(model, sq.statqat_qconfig, (x,))
+    assert qat.training and qat.dw_bn.training and not qat.stem_bn.training
+    frozen_mean = qat.stem_bn.running_mean.clone()
+    qat.apply(torch.ao.quantization.disable_fake_quant)
+    torch.testing.assert_close(qat(x), model(x), rtol=1e-4, atol=1e-5)  # the float model, stem_bn frozen
+    torch.testing.assert_close(qat.stem_bn.running_mean, frozen_mean, rtol=0, atol=0)
+    torch.testing.assert_close(qat.dw_bn.running_mean, model.dw_bn.running_mean)
