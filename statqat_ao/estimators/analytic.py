@@ -51,7 +51,8 @@ def analytic_qparams(
 
     Symmetric blocks use the RMS about zero (the grid is centred on zero); asymmetric
     ones the standard deviation about the mean, and a zero point that centres the grid
-    on the mean. With ``weights`` (output-aware error) the moments are weighted:
+    on the mean, slid inside the block's range where the grid is narrower (one-sided data
+    such as a ReLU's output start the grid at their minimum, with no codes below it). With ``weights`` (output-aware error) the moments are weighted:
     ``sigma^2 = sum h x^2 / sum h``, the variance of the error-weighted distribution.
     """
     if symmetric:
@@ -84,7 +85,7 @@ def analytic_qparams(
         s = torch.minimum(s, maxima[0] / fmt.qmax)
         return s, torch.zeros_like(s)
     s = torch.minimum(s, (maxima[0].clamp(min=0) + maxima[1].clamp(min=0)) / (fmt.qmax - fmt.qmin))
-    return s, centered_zero_point(mean, s, fmt)
+    return s, centered_zero_point(mean, s, fmt, lo=-maxima[1], hi=maxima[0])
 
 
 register(Estimator("analytic", analytic_qparams, online=each_step(analytic_qparams), error_weighted=True))

@@ -42,7 +42,28 @@ def error_model_gmax(fmt: Format, symmetric: bool) -> float:
     return fmt.clip_code(symmetric)
 
 
-def centered_zero_point(mean: torch.Tensor, s: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Integer zero point that puts the grid's centre at ``mean`` (asymmetric INT)."""
+def centered_zero_point(
+    mean: torch.Tensor, s: torch.Tensor, fmt: Format, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Integer zero point that puts the grid's centre at ``mean`` (asymmetric INT).
+
+    With the block's range ``[lo, hi]`` the grid slides inside it where it is narrower:
+    a code below the block's minimum or above its maximum represents nothing, and the
+    other end then clips less. Data that start at 0 (a ReLU's output) get the grid's
+    lowest code at 0: ``zp = qmin``, every code in use.
+
+    Example:
+        >>> from statqat_ao.numerics.formats import get_format
+        >>> s = torch.tensor([0.01])
+        >>> centered_zero_point(torch.tensor([0.5]), s, get_format("uint8")).tolist()
+        [78.0]
+        >>> centered_zero_point(torch.tensor([0.5]), s, get_format("uint8"), torch.tensor([0.0]), torch.tensor([3.0])).tolist()
+        [0.0]
+    """
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(fmt.asymmetric_center() - mean / safe).clamp(fmt.qmin, fmt.qmax)
+    zp = fmt.asymmetric_center() - mean / safe
+    if lo is not None and hi is not None:
+        # Lowest code at or above lo: zp <= qmin - lo / s; highest at or below hi: zp >= qmax - hi / s.
+        # Both hold together when s <= (hi - lo) / (qmax - qmin), which the callers' cap ensures.
+        zp = torch.minimum(torch.maximum(zp, fmt.qmax - hi / safe), fmt.qmin - lo / safe)
+    return torch.round(zp).clamp(fmt.qmin, fmt.qmax)

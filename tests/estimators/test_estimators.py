@@ -189,6 +189,31 @@ def test_asymmetric_estimates_beat_symmetric_on_shifted_data():
         assert asym > snr_of(x, "int4", method, granularity="channel")
 
 
+def _best_asymmetric_snr(x, fmt, zero_points, steps=300):
+    """Grid search over the zero point and the scale: the reference optimum."""
+    f = sq.get_format(fmt)
+    best = -math.inf
+    for z in zero_points:
+        top = float(x.max()) / (f.qmax - z)
+        for s in torch.linspace(0.2 * top, 1.01 * top, steps):
+            best = max(best, float(sq.snr_db(x, sq.fake_quantize(x, s, torch.tensor(float(z)), fmt))))
+    return best
+
+
+@pytest.mark.parametrize("fmt, tolerance_db", [("uint8", 0.5), ("uint4", 0.3)])
+def test_asymmetric_grid_on_relu_outputs_starts_at_zero_and_reaches_the_searched_optimum(fmt, tolerance_db):
+    # One-sided data (a ReLU's output): codes below 0 would represent nothing.
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(1, 20000) + 0.3)
+    optimum = _best_asymmetric_snr(x, fmt, range(0, 8))
+    for method in ["analytic", "iterative"]:
+        s, zp = sq.estimate_qparams(x, fmt, method, symmetric=False)
+        assert zp.item() == sq.get_format(fmt).qmin
+        snr = float(sq.snr_db(x, sq.fake_quantize(x, s, zp, fmt)))
+        # analytic assumes a Gaussian (this is a clipped one): 1.5 dB short at 4 bits
+        assert snr > optimum - (tolerance_db if method == "iterative" else 2.0), (method, snr, optimum)
+
+
 def test_block_format_scales_lie_on_their_scale_grids():
     w = torch.randn(32, 128)
     e4m3 = set(sq.get_format("fp8_e4m3").grid)
