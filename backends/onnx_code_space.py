@@ -8,7 +8,8 @@ the Q is the Conv's single consumer. Two shapes of a converted CNN break that, a
   and the ops run on its uint8 / int8 codes. Each commutes with a monotonic per-tensor
   quantize ``Q``: ``Q(relu(v)) = clip(Q(v), Q(0))`` with ``Q(0)`` the zero point,
   ``Q(clip(v, a, b)) = clip(Q(v), Q(a), Q(b))``, and max pooling and reshapes pick or move
-  values. Where a bound's code is not certain (``a / s`` within float32 rounding of a
+  values. A Clip whose codes are the type's own ends (a ReLU before a uint8 Q with zero
+  point 0) changes no code, since Q saturates: it is dropped. Where a bound's code is not certain (``a / s`` within float32 rounding of a
   ``.5`` tie, so division and multiplication by the reciprocal disagree) the ops stay
   float after a requantize, ``Conv -> Q -> DQ -> op ... -> Q``, equally exact.
 * A Conv whose output several quantizers read (a block's output feeds the next conv and
@@ -112,8 +113,9 @@ def requantize_at_conv(conv: onnx.NodeProto, consumers: Mapping[str, list[onnx.N
             source.CopyFrom(conv)
             source.name, source.output[0] = f"{conv.name}_copy{k}", f"{out}_copy{k}"
             edits.insert_after(conv, source)
-        if not ops:
+        if not new_ops:  # no ops, or only Clips that change no code: the Q reads the Conv
             q.input[0] = source.output[0]
+            edits.replace.update({id(op): None for op in ops})
             continue
         moved = helper.make_node("QuantizeLinear", [source.output[0], *q.input[1:]], [f"{q.name}{REQUANTIZED}.codes"],
                                  name=f"{q.name}{REQUANTIZED}")  # fmt: skip
@@ -174,11 +176,15 @@ def _ops_on_codes(ops, q, arrays) -> tuple[list[onnx.NodeProto], list[onnx.Tenso
             limits = [np.float32(0.0), None] if op.op_type == "Relu" else _clip_limits(op, arrays)
             if limits is None:
                 return None
+            codes = [None if limit is None else _code(limit, scale, zero_point) for limit in limits]
+            if any(limit is not None and code is None for limit, code in zip(limits, codes, strict=True)):
+                return None
+            info = np.iinfo(zero_point.dtype)
+            low, high = codes
+            if (low is None or int(low) == info.min) and (high is None or int(high) == info.max):
+                continue  # the codes are saturated to the type's range already (a ReLU at zero point qmin)
             inputs = [value]
-            for side, limit in zip(("min", "max"), limits, strict=True):
-                code = None if limit is None else _code(limit, scale, zero_point)
-                if limit is not None and code is None:
-                    return None
+            for side, code in zip(("min", "max"), codes, strict=True):
                 inputs.append("" if code is None else f"{name}.{side}")
                 if code is not None:
                     bounds.append(numpy_helper.from_array(code, f"{name}.{side}"))

@@ -17,10 +17,11 @@ from statqat_ao.backends.onnx_integer import integer_convolutions
 H = helper
 
 
-def _block(clip_max: float | None, out_scale: float, fan_out: bool = True) -> onnx.ModelProto:
+def _block(clip_max: float | None, out_scale: float, fan_out: bool = True, unsigned: bool = False) -> onnx.ModelProto:
     """x -> Q/DQ -> Conv(int8 w, bias on the int32 grid) -> Clip(0, clip_max) -> its Q, and
     with ``fan_out`` a second quantizer of another scale through a MaxPool; outputs as float.
-    ``clip_max`` None: a Relu instead of the Clip."""
+    ``clip_max`` None: a Relu instead of the Clip. ``unsigned``: the output Qs are uint8 with
+    zero point 0."""
     rng = np.random.default_rng(0)
     s_x, s_w = np.float32(0.05), (rng.uniform(0.01, 0.02, 8)).astype(np.float32)
     bias = (rng.integers(-300, 300, 8) * (s_x * s_w)).astype(np.float32)
@@ -29,16 +30,18 @@ def _block(clip_max: float | None, out_scale: float, fan_out: bool = True) -> on
         numpy_helper.from_array(bias.reshape(1, 8, 1, 1), "b"),
         numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(clip_max or 0), "hi"),
         numpy_helper.from_array(np.float32(out_scale), "s1"), numpy_helper.from_array(np.float32(0.07), "s2"),
+        numpy_helper.from_array(np.uint8(0), "zu"),
     ]  # fmt: skip
+    zo = "zu" if unsigned else "zx"
     nodes += [
         H.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
         H.make_node("Add", ["c", "b"], ["cb"]),
         H.make_node("Clip", ["cb", "lo", "hi"], ["r"]) if clip_max is not None else H.make_node("Relu", ["cb"], ["r"]),
-        H.make_node("QuantizeLinear", ["r", "s1", "zx"], ["q1"], name="q_one"),
-        H.make_node("DequantizeLinear", ["q1", "s1", "zx"], ["y1"]),
+        H.make_node("QuantizeLinear", ["r", "s1", zo], ["q1"], name="q_one"),
+        H.make_node("DequantizeLinear", ["q1", "s1", zo], ["y1"]),
         H.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-        H.make_node("QuantizeLinear", ["p", "s2", "zx"], ["q2"], name="q_two"),
-        H.make_node("DequantizeLinear", ["q2", "s2", "zx"], ["y2"]),
+        H.make_node("QuantizeLinear", ["p", "s2", zo], ["q2"], name="q_two"),
+        H.make_node("DequantizeLinear", ["q2", "s2", zo], ["y2"]),
     ][: None if fan_out else -3]  # fmt: skip
     return float_model("block", nodes, inits, [1, 3, 8, 8], [("y1", [1, 8, 8, 8]), ("y2", [1, 8, 4, 4])][: 1 + fan_out])
 
@@ -64,6 +67,24 @@ def test_codes_after_the_conv_compute_what_the_file_computed(clip_max):
     # the per-layer check still finds both quantizers' codes, in the graph's order
     assert [q.name for _, q in quantize_nodes(rewritten)] == ["q_in", "q_one_requantized", "q_two_requantized"]
     assert set(moved_codes(rewritten)) == {"q1", "q2"}
+
+
+def test_a_relu_before_uint8_codes_with_zero_point_0_is_dropped():
+    # Q saturates at code 0 = the zero point: the ReLU's clip on codes would change nothing.
+    original = _block(None, out_scale=0.06, unsigned=True)
+    rewritten = _block(None, out_scale=0.06, unsigned=True)
+    assert integer_convolutions(rewritten) == 1
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert not [n for n in rewritten.graph.node if n.op_type in ("Relu", "Clip")]
+    before, after = ReferenceEvaluator(original), ReferenceEvaluator(rewritten)
+    for x in _inputs():
+        for a, b in zip(before.run(None, {"x": x}), after.run(None, {"x": x}), strict=True):
+            np.testing.assert_array_equal(a, b)
+    ops = kernel_ops(rewritten.SerializeToString())
+    assert ops.count("QLinearConv") == 2 and "Clip" not in ops and "Relu" not in ops
+    # q_one now reads the Conv itself; q_two moved above the MaxPool, which runs on codes
+    assert [q.name for _, q in quantize_nodes(rewritten)] == ["q_in", "q_one", "q_two_requantized"]
+    assert set(moved_codes(rewritten)) == {"q2"}
 
 
 def _near_tie_scale() -> np.float32:
