@@ -3,7 +3,7 @@
 Models: DigitsCNN (8x8 digits) and torchvision's resnet18 and mobilenet_v2 (10 classes,
 sklearn's digits upsampled to ``--size`` pixels, RGB), each QAT-trained ``--steps`` SGD
 steps with ``sq.get_statqat_qconfig("int8", "int8")`` (INT8 weights per channel, INT8
-activations per tensor, int32 biases), converted and exported with
+activations per tensor, int32 biases; ``--activations uint8``: asymmetric UINT8 activations), converted and exported with
 ``statqat_ao.backends.onnx.export`` (parity checked layer by layer on 64 test images). The
 baseline is ``torch.onnx.export`` of the same architecture in fp32 (batch norm included).
 
@@ -13,7 +13,7 @@ model, and the median of ``--runs`` batch-1 calls (interleaved, after warm-up) i
 default onnxruntime session with ``--threads`` intra-op threads.
 
 Usage: python benchmarks/onnx_cnn_latency.py [--models digits resnet18 mobilenet_v2] [--steps 100]
-       [--size 32] [--runs 200] [--threads 1]
+       [--size 32] [--runs 200] [--threads 1] [--activations int8|uint8]
 """
 
 from __future__ import annotations
@@ -35,15 +35,19 @@ from statqat_ao.models import DigitsCNN, load_digits_split
 from statqat_ao.models.vision import build_classifier, digits_images
 
 MODELS = {"digits": None, "resnet18": "torchvision:resnet18", "mobilenet_v2": "torchvision:mobilenet_v2"}
+ACTIVATIONS = {  # INT8 weights per channel either way
+    "int8": sq.get_statqat_qconfig("int8", "int8"),
+    "uint8": sq.get_statqat_qconfig("int8", "uint8", activation_symmetric=False),
+}
 
 
-def trained(name: str, steps: int, size: int):
+def trained(name: str, steps: int, size: int, activations: str = "int8"):
     """``(float model, converted W8A8 model, test images, test labels)``."""
     data = load_digits_split() if name == "digits" else digits_images(size)
     x, y, x_test, y_test = data
     torch.manual_seed(0)
     model = DigitsCNN() if name == "digits" else build_classifier(MODELS[name], num_classes=10)
-    qat = sq.prepare_qat_fx(model.train(), sq.get_statqat_qconfig("int8", "int8"), (x[:64],))
+    qat = sq.prepare_qat_fx(model.train(), ACTIVATIONS[activations], (x[:64],))
     optimizer = torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9)
     for i in range(steps):
         j = (i * 64) % (len(x) - 64)
@@ -86,11 +90,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--activations", default="int8", choices=list(ACTIVATIONS),
+                        help="int8: symmetric INT8 activations; uint8: asymmetric UINT8")  # fmt: skip
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
-            model, converted, x_test, y_test = trained(name, args.steps, args.size)
+            model, converted, x_test, y_test = trained(name, args.steps, args.size, args.activations)
             with torch.no_grad():
                 accuracy = float((converted(x_test).argmax(1) == y_test).float().mean())
             fp32, w8a8 = Path(folder) / f"{name}_fp32.onnx", Path(folder) / f"{name}_w8a8.onnx"
