@@ -306,6 +306,13 @@ def _restore_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
             module.training = modes[name]
 
 
+def _allocate_moments(fq: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: an output-aware weight quantizer's moments take their shape now."""
+    layer_input = kwargs.get("layer_input")
+    if layer_input is not None and hasattr(fq, "allocate_input_moments"):
+        fq.allocate_input_moments(layer_input)
+
+
 @torch.no_grad()
 def _initialize(gm: fx.GraphModule, inserter: _Inserter, example_inputs, example_kwargs) -> None:
     """First scales: weights from the weights themselves, activations from the example inputs.
@@ -329,9 +336,13 @@ def _initialize(gm: fx.GraphModule, inserter: _Inserter, example_inputs, example
         saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms]
         for m in trained_norms:
             m.train()
+        hooks = [gm.get_submodule(n.target).register_forward_pre_hook(_allocate_moments, with_kwargs=True)
+                 for n in inserter.weight_fq.values()]  # fmt: skip
         try:
             gm(*example_inputs, **(example_kwargs or {}))
         finally:
+            for hook in hooks:
+                hook.remove()
             for m, buffers in zip(norms, saved, strict=True):
                 for k, v in buffers.items():
                     getattr(m, k).copy_(v)

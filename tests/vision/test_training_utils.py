@@ -1,0 +1,50 @@
+"""timm's training utilities around a prepared model, as its train script uses them."""
+
+import copy
+
+import pytest
+import torch
+from test_zoo import SKIP_REASON, timm
+
+import statqat_ao as sq
+from statqat_ao.models.vision import build_classifier
+
+pytestmark = pytest.mark.skipif(timm is None, reason=SKIP_REASON)
+
+
+def test_model_ema_made_right_after_prepare_updates_and_converts_exactly():
+    # timm's train.py builds ModelEmaV3 from the model before the first step; the EMA's
+    # state must line up with the trained model's (foreach lerp over matching tensors).
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    qat = sq.prepare_qat_fx(build_classifier("timm:resnet18").train(), sq.statqat_qconfig, (x,))
+    ema = ModelEmaV3(qat, decay=0.5)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-2)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(qat(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(qat)
+    averaged = ema.module.eval()
+    assert not torch.equal(averaged.fc.weight, qat.fc.weight)  # an average, not a copy
+    assert torch.isfinite(averaged.get_submodule("fc.weight_fake_quant").scale).all()
+    with torch.no_grad():
+        reference = averaged(x)
+        assert torch.equal(sq.convert(averaged)(x), reference)
+
+
+def test_prepared_state_keeps_its_shapes_through_training():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    qat = sq.prepare_qat_fx(build_classifier("timm:resnet18").train(), sq.statqat_qconfig, (x,))
+    fresh = copy.deepcopy(qat)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(qat(x), torch.arange(4))
+    loss.backward()
+    optimizer.step()
+    shapes = {k: v.shape for k, v in qat.state_dict().items()}
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == shapes
+    fresh.load_state_dict(qat.state_dict())  # a checkpoint loads into a freshly prepared model
