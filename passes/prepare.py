@@ -35,6 +35,7 @@ from .constants import constant_value, get_attr, is_constant, param_path
 from .conv1d_as_linear import linearize_conv1d
 from .fold_bn import FoldedBatchNorm, fold_batchnorm
 from .functionalize import functionalize_weighted_modules
+from .model_attributes import carry_model_attributes
 from .opaque_functions import linear_weight_nodes
 from .patterns import (
     WEIGHTED_KINDS,
@@ -230,7 +231,10 @@ def prepare_qat_fx(
         LM, a :class:`~statqat_ao.frontends.causal_lm.CausalLMGraph` around it, called as
         the model is: ``input_ids=``, ``attention_mask=``, ``labels=``). Parameter names are the
         model's own; quantizer state sits at ``<layer>.weight_fake_quant`` and
-        ``<layer>.input_fake_quant``.
+        ``<layer>.input_fake_quant``. The model's public plain attributes (timm's
+        ``pretrained_cfg``, ``num_classes``) carry over, and so do the answers of the methods
+        training recipes ask (``no_weight_decay()``, ``group_matcher()``;
+        :mod:`statqat_ao.passes.model_attributes`).
 
     Example:
         >>> import torch, statqat_ao as sq
@@ -294,6 +298,8 @@ def prepare_qat_fx(
     _initialize(gm, inserter, example_inputs, example_kwargs)
     gm.train(training)
     _restore_modes(gm, modes)
+    if not causal_lm:  # a decoder's wrapper answers for the model itself
+        carry_model_attributes(model, gm)
     return wrap_prepared(model, gm, example_kwargs) if causal_lm else gm
 
 

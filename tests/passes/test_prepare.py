@@ -418,3 +418,38 @@ def test_a_batch_norm_frozen_with_eval_stays_frozen_through_prepare():
     torch.testing.assert_close(qat(x), model(x), rtol=1e-4, atol=1e-5)  # the float model, stem_bn frozen
     torch.testing.assert_close(qat.stem_bn.running_mean, frozen_mean, rtol=0, atol=0)
     torch.testing.assert_close(qat.dw_bn.running_mean, model.dw_bn.running_mean)
+
+
+class _RecipeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.pos = nn.Linear(16, 4), nn.Parameter(torch.zeros(16))
+        self.cfg = {"mean": (0.5,), "input_size": (16,)}
+
+    def no_weight_decay(self):
+        return {"pos"}
+
+    def group_matcher(self, coarse=False):
+        return {"stem": r"^pos", "blocks": r"^fc" if coarse else [(r"^fc", (0,))]}
+
+    def forward(self, x):
+        return self.fc(x + self.pos)
+
+
+def test_plain_attributes_and_recipe_answers_carry_over_through_copies_and_pickles():
+    import copy
+    import io
+
+    model = _RecipeNet()
+    qat = sq.prepare_qat_fx(model, sq.statqat_qconfig, (torch.randn(4, 16),))
+    buffer = io.BytesIO()
+    torch.save(qat, buffer)
+    buffer.seek(0)
+    for prepared in (qat, copy.deepcopy(qat), torch.load(buffer, weights_only=False), sq.convert(qat)):
+        assert prepared.cfg == model.cfg and prepared.cfg is not model.cfg
+        assert prepared.no_weight_decay() == {"pos"}
+        for coarse in (False, True):
+            assert prepared.group_matcher(coarse=coarse) == model.group_matcher(coarse=coarse)
+            assert prepared.group_matcher(coarse) == model.group_matcher(coarse)
+    with pytest.raises(NotImplementedError, match="group_matcher.*call it on the float model"):
+        qat.group_matcher(coarse="other")

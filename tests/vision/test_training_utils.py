@@ -48,3 +48,31 @@ def test_prepared_state_keeps_its_shapes_through_training():
     shapes = {k: v.shape for k, v in qat.state_dict().items()}
     assert {k: v.shape for k, v in fresh.state_dict().items()} == shapes
     fresh.load_state_dict(qat.state_dict())  # a checkpoint loads into a freshly prepared model
+
+
+def _optimizer_groups(model, **kwargs):
+    """``{weight decay: parameter names}`` of timm's optimizer factory for ``model``."""
+    from timm.optim import create_optimizer_v2
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups: dict = {}
+    for group in create_optimizer_v2(model, "adamw", weight_decay=0.05, **kwargs).param_groups:
+        key = (group["weight_decay"], group.get("lr_scale", 1.0))
+        groups.setdefault(key, set()).update(names[id(p)] for p in group["params"])
+    return groups
+
+
+def test_timm_recipes_read_the_prepared_model_as_the_float_one():
+    # timm's train script: data config from pretrained_cfg, no weight decay on position
+    # embeddings and tokens (no_weight_decay), layer-wise lr decay (group_matcher).
+    from timm.data import resolve_data_config
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_384", pretrained=False, num_classes=10, img_size=64).train()
+    qat = sq.prepare_qat_fx(model, sq.statqat_qconfig, (torch.randn(2, 3, 64, 64),))
+    ema_copy = copy.deepcopy(qat)  # what timm's ModelEmaV3 holds
+    for prepared in (qat, ema_copy):
+        assert resolve_data_config({}, model=prepared) == resolve_data_config({}, model=model)
+        assert _optimizer_groups(prepared) == _optimizer_groups(model)
+        assert _optimizer_groups(prepared, layer_decay=0.75) == _optimizer_groups(model, layer_decay=0.75)
+    assert resolve_data_config({}, model=qat)["input_size"] == (3, 384, 384)  # not timm's 224 default
