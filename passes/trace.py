@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from . import attention
+from .keyword_inputs import accept_keyword_inputs
 from .train_only_dropout import dropout_calls_as_modules
 
 
@@ -236,6 +237,7 @@ def trace(
         model.train(was_training)
     gm = ep.module()
     _dropout_as_modules(gm)
+    accept_keyword_inputs(gm, model, kwargs)  # model(pixel_values=x, labels=y), as training loops call it
     return gm, "export"
 
 
