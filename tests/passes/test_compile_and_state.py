@@ -155,3 +155,22 @@ def test_prepared_models_pickle_whole_with_future_annotations():
         targets = [n.target for n in loaded.graph.nodes if n.op == "call_function"]
         assert targets == [n.target for n in model.graph.nodes if n.op == "call_function"]
         assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_compiling_right_after_prepare_traces_the_training_step_once():
+    # The README's flow: torch.compile straight after prepare. A buffer that changed shape
+    # at the first step (the output-aware input moments did) re-traced the whole graph.
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    x, y = digits()[:2]
+    qat = sq.prepare_qat_fx(DigitsCNN(), sq.statqat_qconfig, (x[:64],))
+    counter = CompileCounter()
+    step = torch.compile(qat, backend=counter, fullgraph=True)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-2)
+    for i in range(3):
+        loss = nn.functional.cross_entropy(step(x[64 * i : 64 * (i + 1)]), y[64 * i : 64 * (i + 1)])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert counter.frame_count == 1
