@@ -314,9 +314,9 @@ def _restore_modes(gm: fx.GraphModule, modes: dict[str, bool]) -> None:
 
 def _allocate_moments(fq: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: an output-aware weight quantizer's moments take their shape now."""
-    layer_input = kwargs.get("layer_input")
-    if layer_input is not None and hasattr(fq, "allocate_input_moments"):
-        fq.allocate_input_moments(layer_input)
+    x = kwargs.get("layer_input")
+    if x is not None and hasattr(fq, "allocate_input_moments") and x.dim():
+        fq.allocate_input_moments(x.shape[fq.input_feature_dim], x.device)
 
 
 @torch.no_grad()

@@ -40,6 +40,9 @@ class _FakeQuantizedLinearMixin:
     def _attach_quantizers(self, weight: QuantSpec | None, activation: QuantSpec | None) -> None:
         self.weight_fake_quant = None if weight is None else weight.make(is_activation=False)
         self.input_fake_quant = None if activation is None else activation.make(is_activation=True)
+        if self.weight_fake_quant is not None and hasattr(self.weight_fake_quant, "allocate_input_moments"):
+            w = self.weight_out_in()  # output-aware moments: one per input feature, shaped now (input_moments.py)
+            self.weight_fake_quant.allocate_input_moments(w.shape[1], w.device)
 
     def weight_out_in(self) -> torch.Tensor:
         """The weight as ``[out_features, in_features]`` (a view for Conv1D)."""

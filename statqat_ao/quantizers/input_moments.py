@@ -60,18 +60,18 @@ class InputMomentsTracking:
         return self.output_aware and self.input_moments.numel() > 0
 
     @torch.no_grad()
-    def allocate_input_moments(self, x: torch.Tensor) -> None:
-        """Give ``h`` its final shape from layer input ``x``, all zeros, no rows counted.
+    def allocate_input_moments(self, features: int, device: torch.device | str | None = None) -> None:
+        """Give ``h`` its final shape, ``features`` zeros, no rows counted.
 
-        A prepared model's state then keeps its shapes through training, so a copy taken
-        right after prepare (timm's ``ModelEmaV3``, a checkpoint) lines up with it. The
-        first observed rows replace the zeros exactly (their weight is ``rows / rows``);
-        until then the zero moments weight every element alike (plain error).
+        A prepared model's state then keeps its shapes through training: a copy taken
+        right after prepare (timm's ``ModelEmaV3``, a checkpoint) lines up with it, and a
+        model compiled straight away is not traced again at the first step. The first
+        observed rows replace the zeros exactly (their weight is ``rows / rows``); until
+        then the zero moments weight every element alike (plain error).
         """
-        if self.output_aware and not self.input_moments.numel() and x.numel():
-            features = x.shape[self.input_feature_dim]
-            self.input_moments = torch.zeros(features, device=x.device)
-            self.input_count = torch.zeros((), device=x.device)
+        if self.output_aware and not self.input_moments.numel() and features > 0:
+            self.input_moments = torch.zeros(features, device=device)
+            self.input_count = torch.zeros((), device=device)
 
     @torch.no_grad()
     def observe_input(self, x: torch.Tensor, window: float = MOMENT_WINDOW) -> None:

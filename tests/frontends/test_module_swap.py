@@ -155,6 +155,26 @@ def test_compiled_training_forward_has_no_graph_breaks(arch):
     assert torch.isfinite(loss) and abs(loss.item() - eager.item()) < 1e-2
 
 
+def test_compiling_straight_after_quantize_traces_the_training_step_once():
+    # Weight-only INT4 (the LLM recipe): the output-aware weight quantizers' input moments
+    # are shaped at the swap, so the first steps do not change a buffer's shape (a re-trace).
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = quantize_quietly(tiny_decoder("llama"), sq.get_statqat_qconfig("int4", activation=None, weight_granularity=32))
+    counter = CompileCounter()
+    step = torch.compile(model.train(), backend=counter, fullgraph=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, mask = token_batch()
+    for _ in range(3):
+        loss = step(input_ids=ids, attention_mask=mask, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert counter.frame_count == 1
+
+
 def test_state_dict_round_trip_resumes_exactly(tmp_path):
     qconfig = sq.get_statqat_qconfig("int4", "int8", weight_method="iterative", weight_granularity=32, skip=["lm_head"])
     a = quantize_quietly(tiny_decoder("llama"), qconfig)
