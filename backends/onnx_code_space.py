@@ -9,9 +9,10 @@ the Q is the Conv's single consumer. Two shapes of a converted CNN break that, a
   quantize ``Q``: ``Q(relu(v)) = clip(Q(v), Q(0))`` with ``Q(0)`` the zero point,
   ``Q(clip(v, a, b)) = clip(Q(v), Q(a), Q(b))``, and max pooling and reshapes pick or move
   values. A Clip whose codes are the type's own ends (a ReLU before a uint8 Q with zero
-  point 0) changes no code, since Q saturates: it is dropped. Where a bound's code is not certain (``a / s`` within float32 rounding of a
-  ``.5`` tie, so division and multiplication by the reciprocal disagree) the ops stay
-  float after a requantize, ``Conv -> Q -> DQ -> op ... -> Q``, equally exact.
+  point 0) changes no code, since Q saturates: it is dropped. Where a bound's code is not
+  certain (``a / s`` within float32 rounding of a ``.5`` tie, so division and
+  multiplication by the reciprocal disagree) the ops stay float after a requantize,
+  ``Conv -> Q -> DQ -> op ... -> Q``, equally exact.
 * A Conv whose output several quantizers read (a block's output feeds the next conv and
   the residual add, each with its own scale): the Conv is repeated, one copy per
   quantizer, so each copy requantizes its own accumulator. Two int8 GEMMs cost less than

@@ -3,9 +3,9 @@
 Models: DigitsCNN (8x8 digits) and torchvision's resnet18 and mobilenet_v2 (10 classes,
 sklearn's digits upsampled to ``--size`` pixels, RGB), each QAT-trained ``--steps`` SGD
 steps with ``sq.get_statqat_qconfig("int8", "int8")`` (INT8 weights per channel, INT8
-activations per tensor, int32 biases; ``--activations uint8``: asymmetric UINT8 activations), converted and exported with
-``statqat_ao.backends.onnx.export`` (parity checked layer by layer on 64 test images). The
-baseline is ``torch.onnx.export`` of the same architecture in fp32 (batch norm included).
+activations per tensor, int32 biases; ``--activations uint8``: asymmetric UINT8
+activations), converted and exported with ``statqat_ao.backends.onnx.export`` (parity
+checked layer by layer on 64 test images). The baseline is ``torch.onnx.export`` of the same architecture in fp32 (batch norm included).
 
 For each file: the ops onnxruntime runs after its graph optimizations (``kernel_ops``) (how many convs are
 ``QLinearConv`` or, for a 1x1 conv no quantizer reads, ``MatMulInteger``; how many stay float), the file size, the test accuracy of the converted

@@ -48,13 +48,13 @@ def accept_keyword_inputs(graph_module: nn.Module, model: nn.Module, traced_keyw
     name = type(model).__name__
 
     def bind(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        absent = sorted(keywords - set(kwargs))
+        if kwargs.keys() == keywords:  # called as traced: nothing to do on the training step
+            return None
+        absent = sorted(keywords - kwargs.keys())
         if absent:
             raise TypeError(
                 f"the {name} graph was traced with {absent} as keyword inputs (example_kwargs): pass them on every call"
             )
-        if len(kwargs) == len(keywords):
-            return None
         positional = list(args)
         for input_name in inputs[len(args) :]:
             if input_name not in kwargs:

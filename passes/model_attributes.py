@@ -56,11 +56,9 @@ class RecordedMethod:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            bound = self.signature.bind(None, *args, **kwargs)  # None stands for self
+            called = _arguments(self.signature, *args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.owner}.{self.name}: {exc}") from exc
-        bound.apply_defaults()
-        called = dict(list(bound.arguments.items())[1:])
         for arguments, answer in self.answers:
             if arguments == called:
                 return copy.deepcopy(answer)
@@ -96,10 +94,10 @@ def carry_model_attributes(model: nn.Module, prepared: nn.Module) -> None:
         answers = []
         for arguments in argument_sets:
             try:
-                signature.bind(None, **arguments)
+                called = _arguments(signature, **arguments)
             except TypeError:
                 continue  # the model's method takes other arguments: not recorded for these
-            answers.append((_called(signature, arguments), method(**arguments)))
+            answers.append((called, method(**arguments)))
         if answers:
             carried[name] = RecordedMethod(type(model).__name__, name, signature, answers)
     for name, value in carried.items():
@@ -108,7 +106,8 @@ def carry_model_attributes(model: nn.Module, prepared: nn.Module) -> None:
         prepared.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(carried)
 
 
-def _called(signature: inspect.Signature, arguments: dict[str, Any]) -> dict[str, Any]:
-    bound = signature.bind(None, **arguments)
+def _arguments(signature: inspect.Signature, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Every argument of a call, defaults filled in, ``self`` left out (TypeError if it does not bind)."""
+    bound = signature.bind(None, *args, **kwargs)  # None stands for self
     bound.apply_defaults()
     return dict(list(bound.arguments.items())[1:])

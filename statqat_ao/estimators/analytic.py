@@ -52,7 +52,8 @@ def analytic_qparams(
     Symmetric blocks use the RMS about zero (the grid is centred on zero); asymmetric
     ones the standard deviation about the mean, and a zero point that centres the grid
     on the mean, slid inside the block's range where the grid is narrower (one-sided data
-    such as a ReLU's output start the grid at their minimum, with no codes below it). With ``weights`` (output-aware error) the moments are weighted:
+    such as a ReLU's output start the grid at their minimum, with no codes below it).
+    With ``weights`` (output-aware error) the moments are weighted:
     ``sigma^2 = sum h x^2 / sum h``, the variance of the error-weighted distribution.
     """
     if symmetric:
